@@ -1,0 +1,39 @@
+"""stbat-plugin: Spatio-Temporal Balanced Transfer (STBaT) around any backbone."""
+
+from __future__ import annotations
+
+from stbat_plugin._registry import (
+    BackboneRegistry,
+    BackboneSpec,
+    build_plugin_manager,
+    create_backbone,
+    default_registry,
+    list_backbones,
+)
+from stbat_plugin.adapters import BackboneContractError, FeatureExtractor, TapFeatures
+from stbat_plugin.hookspecs import hookimpl, hookspec
+from stbat_plugin.network import FeedForward, PredictionNetwork
+from stbat_plugin.riam import RIAM
+from stbat_plugin.wrapper import BalancedTransfer, Losses
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BalancedTransfer",
+    "Losses",
+    "PredictionNetwork",
+    "FeedForward",
+    "RIAM",
+    "TapFeatures",
+    "FeatureExtractor",
+    "BackboneContractError",
+    "BackboneRegistry",
+    "BackboneSpec",
+    "build_plugin_manager",
+    "create_backbone",
+    "default_registry",
+    "list_backbones",
+    "hookimpl",
+    "hookspec",
+    "__version__",
+]

@@ -1,0 +1,155 @@
+"""The plugin manager and the backbone registry built from it.
+
+ONE function builds the plugin manager (:func:`build_plugin_manager`): hook specs,
+then entry points of the group ``stbat`` (the built-ins live there too), then
+``check_pending``. A :class:`BackboneRegistry` is a plain object made from a
+manager at set-up time; nothing here runs per batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from stbat_plugin import hookspecs
+
+__all__ = [
+    "BackboneSpec",
+    "BackboneRegistry",
+    "Register",
+    "build_plugin_manager",
+    "default_registry",
+    "create_backbone",
+    "list_backbones",
+]
+
+LAYOUTS = ("graph", "grid")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone: its factory and where it came from."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    layout: str
+    description: str
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+
+class Register:
+    """The ``register`` object handed to ``stbat_register_backbones`` of one plugin."""
+
+    def __init__(self, registry: BackboneRegistry, plugin: str, dist: tuple[str, str] | None):
+        self._registry = registry
+        self._plugin = plugin
+        self._dist = dist
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., nn.Module],
+        *,
+        layout: str = "graph",
+        description: str = "",
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(
+                f"Backbone {name!r} from plugin {self._plugin!r}: layout must be one of "
+                f"{LAYOUTS} (got {layout!r})"
+            )
+        if not callable(factory):
+            raise TypeError(f"Backbone {name!r}: factory must be callable (got {factory!r})")
+        dist, version = self._dist if self._dist else (None, None)
+        spec = BackboneSpec(name, factory, layout, description, self._plugin, dist, version)
+        self._registry._add(spec)
+
+
+def build_plugin_manager(
+    *, load_entrypoints: bool = True, plugins: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """Build a plugin manager: specs, entry points of group ``stbat``, extra plugins.
+
+    Args:
+        load_entrypoints: load installed plugins, built-ins included (default: ``True``).
+        plugins: further plugin objects or modules to register, e.g. in tests.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    if load_entrypoints:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+    for plugin in plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+class BackboneRegistry:
+    """Backbones registered by the plugins of one plugin manager."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self._specs: dict[str, BackboneSpec] = {}
+        dists = {id(p): (d.project_name, d.version) for p, d in pm.list_plugin_distinfo()}
+        for impl in pm.hook.stbat_register_backbones.get_hookimpls():
+            register = Register(self, impl.plugin_name, dists.get(id(impl.plugin)))
+            impl.function(register=register)
+
+    def _add(self, spec: BackboneSpec) -> None:
+        if spec.name in self._specs:
+            other = self._specs[spec.name].plugin
+            raise ValueError(
+                f"Backbone name {spec.name!r} is registered twice: by plugin {other!r} and by "
+                f"plugin {spec.plugin!r}; rename one of them or uninstall one plugin"
+            )
+        self._specs[spec.name] = spec
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> list[BackboneSpec]:
+        return [self._specs[n] for n in self.names()]
+
+    def get(self, name: str) -> BackboneSpec:
+        if name not in self._specs:
+            close = difflib.get_close_matches(name, self._specs, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(
+                f"Unknown backbone {name!r}{hint} Installed: {', '.join(self.names()) or 'none'} "
+                "(a plugin adds one through the 'stbat' entry-point group)"
+            )
+        return self._specs[name]
+
+    def create(self, name: str, **kwargs: Any) -> nn.Module:
+        model = self.get(name).factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Factory of backbone {name!r} returned {type(model).__name__}, not nn.Module")
+        return model
+
+    def adapt(self, model: nn.Module) -> Any:
+        """Ask the plugins' ``stbat_adapt_backbone`` hooks (first answer wins)."""
+        return self.pm.hook.stbat_adapt_backbone(model=model)
+
+
+@functools.lru_cache(maxsize=1)
+def default_registry() -> BackboneRegistry:
+    """The registry of the installed plugins (built once, on first use)."""
+    return BackboneRegistry(build_plugin_manager())
+
+
+def create_backbone(name: str, *, registry: BackboneRegistry | None = None, **kwargs: Any) -> nn.Module:
+    """Create a registered backbone by name, e.g. ``create_backbone("graph_stnet", in_channels=2)``."""
+    return (registry or default_registry()).create(name, **kwargs)
+
+
+def list_backbones(*, registry: BackboneRegistry | None = None) -> list[str]:
+    """Names of every registered backbone, sorted."""
+    return (registry or default_registry()).names()
