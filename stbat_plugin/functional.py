@@ -42,7 +42,12 @@ def region_feature_stats(z: Tensor) -> tuple[Tensor, Tensor]:
             f"(b - 1) (got b={z.shape[0]}); use a larger batch size or drop the last batch"
         )
     mu = z.mean(dim=0)
-    sigma = ((z - mu).pow(2).sum(dim=0) / (z.shape[0] - 1)).sqrt()
+    var = (z - mu).pow(2).sum(dim=0) / (z.shape[0] - 1)
+    # sqrt'(0) is infinite: a region whose features do not vary over the batch (no flow and
+    # no neighbours, say) would send NaN into the backbone. Same values, gradient 0 there.
+    positive = var > 0
+    sigma = torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(),
+                        torch.zeros_like(var))
     return mu, sigma
 
 

@@ -65,7 +65,10 @@ def check_backbone(
     gen = torch.Generator().manual_seed(0)
     for b in batch_sizes:
         x = torch.rand(b, window, n, in_channels, generator=gen, dtype=torch.float64)
-        z = net.forward_features(x, **graph)
+        try:
+            z = net.forward_features(x, **graph)
+        except ValueError as err:  # PredictionNetwork's own shape checks
+            raise AssertionError(f"batch {b}: {err}") from err
         assert z.shape == (b, n, model.feature_dim), f"batch {b}: got shape {list(z.shape)}"
         assert torch.isfinite(z).all(), f"batch {b}: non-finite features"
     _check_gradients(net, x, graph)

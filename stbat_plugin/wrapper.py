@@ -276,7 +276,8 @@ class BalancedTransfer(nn.Module):
         return self.riam.loss(state.descriptors[state.valid], mu, sigma, self.beta)
 
     def _region_weights(self, state: _City) -> Tensor:
-        w = torch.zeros(state.valid.shape[0], device=state.valid.device)
+        w = torch.zeros(state.valid.shape[0], dtype=state.log_density.dtype,
+                        device=state.valid.device)
         w[state.valid] = SF.density_weights(state.log_density)
         return w
 

@@ -104,7 +104,9 @@ def temporal_profile_descriptors(
     Uses only ``flow[train_start:train_stop]`` and only observed cells, channels summed. Each
     part is normalised to sum 1, the two are concatenated and renormalised (each sums to 1/2).
     Regions without flow in the window (and every region when the window is empty, e.g.
-    zero-shot) get uniform rows. Bins use the timestamp's clock hour, so any interval works.
+    zero-shot) get uniform rows: uniform within each part (1/48 per hour bin, 1/14 per
+    weekday bin), so every row keeps mass 1/2 per part. Weekday bins never seen in the
+    window (e.g. 3 training days) are 0. Bins use the timestamp's clock hour, so any interval works.
     For a few-shot target city pass ``train_start`` so only its scarce training data is used.
 
     Shapes:

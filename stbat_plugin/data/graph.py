@@ -5,6 +5,9 @@ grid) > ``coords`` (k nearest neighbours by haversine distance). Self loops are 
 isolated nodes are kept. Distances become similarities with the Gaussian kernel
 ``w = exp(-d^2 / sigma^2)``, ``sigma`` = standard deviation of the edge distances (DCRNN's
 convention; the mean distance when all distances are equal, weight 1 when they are all 0).
+Stored ``edge_weight`` values count as distances when the file's ``edge_weight_units`` mentions
+a distance (distance, metre/meter, km, mile), else they are used as given. Very long edges
+can get a weight that underflows to 0 (e.g. a few Montevideo links over 1 km).
 """
 
 from __future__ import annotations

@@ -1,0 +1,216 @@
+"""The methods compared by the pipeline, each a ``step`` + ``validate`` for the one Trainer.
+
+- ``stbat``: :class:`BalancedTransfer` pre-trained on the sources (Sec. 4.3), then
+  its transferable network is fine-tuned (few-shot) or applied (zero-shot).
+- ``finetune``: the same backbone + predictor pre-trained on the sources with the
+  plain loss, then fine-tuned: the strongest simple baseline of the field.
+- ``maml``: first-order MAML (Finn et al., 2017) over source-city batches, then fine-tuned.
+- ``target-only``: the same network trained on the target's training days only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stbat_plugin import functional as SF
+from stbat_plugin._registry import create_backbone
+from stbat_plugin.adapters import resolve_backbone
+from stbat_plugin.config import TransferConfig
+from stbat_plugin.network import PredictionNetwork
+from stbat_plugin.tasks import CityTask, fold_channels, round_robin, unfold_channels
+from stbat_plugin.trainer import FitResult, Trainer
+from stbat_plugin.wrapper import BalancedTransfer
+
+__all__ = [
+    "seed_everything", "build_backbone", "build_network", "predict", "validation_error",
+    "pretrain", "finetune", "train_target_only",
+]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_backbone(config: TransferConfig, registry: Any = None) -> torch.nn.Module:
+    return create_backbone(config.backbone, registry=registry, in_channels=1,
+                           **config.backbone_kwargs)
+
+
+def build_network(config: TransferConfig, registry: Any = None) -> PredictionNetwork:
+    """Backbone + predictor, univariate (channels are folded into the batch)."""
+    return PredictionNetwork(resolve_backbone(build_backbone(config, registry)),
+                             horizon=config.horizon, out_channels=1)
+
+
+@torch.no_grad()
+def predict(net: PredictionNetwork, task: CityTask, part: str, device: str,
+            batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+    """Scaled predictions, targets and masks of every window of a part: ``[W, s, n, c]``."""
+    net.eval()
+    graph = task.graph_kwargs(net, device)
+    preds, ys, masks = [], [], []
+    c = task.city.num_channels
+    for batch in task.loader(part, batch_size, shuffle=False):
+        x, _, _ = fold_channels(batch, device)
+        preds.append(unfold_channels(net(x, **graph), c).cpu())
+        ys.append(batch["y"])
+        masks.append(batch["mask"])
+    if not preds:
+        raise ValueError(f"City {task.name!r} has no {part} windows")
+    return torch.cat(preds), torch.cat(ys), torch.cat(masks)
+
+
+def validation_error(net: PredictionNetwork, tasks: list[CityTask], device: str) -> float:
+    """Mean over cities of the masked RMSE on the validation windows (scaled units)."""
+    errors = []
+    for task in tasks:
+        pred, y, mask = predict(net, task, "val", device)
+        errors.append(float(SF.weighted_prediction_loss(pred, y, None, mask).sqrt()))
+    return float(np.mean(errors))
+
+
+def _loaders(tasks: list[CityTask], config: TransferConfig, gen: torch.Generator) -> dict:
+    return {t.name: t.loader("train", config.batch_size, shuffle=True, generator=gen)
+            for t in tasks}
+
+
+def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed: int,
+             descriptors: dict[str, np.ndarray] | None = None, registry: Any = None,
+             progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
+    """Pre-train ``stbat``, ``finetune`` (plain) or ``maml`` on the source cities."""
+    seed_everything(seed)
+    device = config.device
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tasks = {t.name: t for t in sources}
+    if method == "stbat":
+        model: torch.nn.Module = _build_stbat(sources, config, descriptors, registry).to(device)
+        net = model.transferable()
+        step = _stbat_step(model, tasks, config)
+    elif method == "finetune":
+        model = net = build_network(config, registry).to(device)
+        step = _plain_step(net, tasks, torch.optim.Adam(net.parameters(), lr=config.lr), device)
+    elif method == "maml":
+        model = net = build_network(config, registry).to(device)
+        step = _maml_step(net, tasks, config)
+    else:
+        raise ValueError(f"Unknown pre-training method {method!r}; use stbat, finetune or maml")
+    trainer = Trainer(max_epochs=config.max_epochs, patience=config.patience,
+                      progress=progress, desc=f"pretrain {method}")
+    result = trainer.fit(
+        model,
+        lambda: round_robin(_loaders(sources, config, gen), rng, config.max_batches_per_epoch),
+        step,
+        lambda: validation_error(net, sources, device),
+    )
+    return net, result
+
+
+def _build_stbat(sources: list[CityTask], config: TransferConfig,
+                 descriptors: dict[str, np.ndarray] | None, registry: Any) -> BalancedTransfer:
+    needs = config.use_simdcl or config.use_weighted_loss
+    if needs and descriptors is None:
+        raise ValueError("STBaT needs region descriptors of every source city")
+    return BalancedTransfer(
+        build_backbone(config, registry),
+        region_features={k: torch.as_tensor(v) for k, v in descriptors.items()} if needs else None,
+        valid_regions={t.name: torch.as_tensor(t.region_mask) for t in sources} if needs else None,
+        horizon=config.horizon, out_channels=1, embed_dim=config.embed_dim,
+        bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
+        simdcl_weight=config.simdcl_weight, use_poi=config.use_poi, use_fdp=config.use_fdp,
+        use_simdcl=config.use_simdcl, use_weighted_loss=config.use_weighted_loss,
+        registry=registry,
+    )
+
+
+def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: TransferConfig):
+    optimizers = model.configure_optimizers(lr=config.lr)
+    device = config.device
+    has_cities = model.riam is not None
+
+    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
+        name, batch = item
+        x, y, m = fold_channels(batch, device)
+        graph = tasks[name].graph_kwargs(model.net, device)
+        losses = model.train_iteration(x, y, optimizers, city=name if has_cities else None,
+                                       mask=m, **graph)
+        return losses.as_dict()
+
+    return step
+
+
+def _plain_step(net: PredictionNetwork, tasks: dict[str, CityTask],
+                optimizer: torch.optim.Optimizer, device: str):
+    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
+        name, batch = item
+        x, y, m = fold_channels(batch, device)
+        loss = SF.weighted_prediction_loss(net(x, **tasks[name].graph_kwargs(net, device)), y,
+                                           None, m)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"total": float(loss.detach()), "pred": float(loss.detach())}
+
+    return step
+
+
+def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: TransferConfig):
+    """First-order MAML: the batch's first half adapts a copy, its second half scores it."""
+    outer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    device = config.device
+
+    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
+        name, batch = item
+        x, y, m = fold_channels(batch, device)
+        half = x.shape[0] // 2
+        graph = tasks[name].graph_kwargs(net, device)
+        fast = copy.deepcopy(net)
+        inner = torch.optim.SGD(fast.parameters(), lr=config.maml_inner_lr)
+        for _ in range(config.maml_inner_steps):
+            loss = SF.weighted_prediction_loss(fast(x[:half], **graph), y[:half], None, m[:half])
+            inner.zero_grad(set_to_none=True)
+            loss.backward()
+            inner.step()
+        query = SF.weighted_prediction_loss(fast(x[half:], **graph), y[half:], None, m[half:])
+        grads = torch.autograd.grad(query, list(fast.parameters()), allow_unused=True)
+        outer.zero_grad(set_to_none=True)
+        for p, g in zip(net.parameters(), grads):
+            p.grad = None if g is None else g.detach().clone()
+        outer.step()
+        return {"total": float(query.detach()), "pred": float(query.detach())}
+
+    return step
+
+
+def finetune(net: PredictionNetwork, target: CityTask, config: TransferConfig, seed: int,
+             progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
+    """Fine-tune a copy of ``net`` on the target's training days; select on target validation."""
+    seed_everything(seed)
+    net = copy.deepcopy(net).to(config.device)
+    gen = torch.Generator().manual_seed(seed)
+    tasks = {target.name: target}
+    step = _plain_step(net, tasks, torch.optim.Adam(net.parameters(), lr=config.finetune_lr),
+                       config.device)
+    trainer = Trainer(max_epochs=config.finetune_epochs, patience=config.patience,
+                      progress=progress, desc=f"adapt {target.name}")
+    result = trainer.fit(
+        net,
+        lambda: ((target.name, b) for b in target.loader("train", config.batch_size,
+                                                           shuffle=True, generator=gen)),
+        step,
+        lambda: validation_error(net, [target], config.device),
+    )
+    return net, result
+
+
+def train_target_only(target: CityTask, config: TransferConfig, seed: int, registry: Any = None,
+                      progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
+    """The same network, freshly initialised, trained on the target's training days only."""
+    seed_everything(seed)
+    return finetune(build_network(config, registry), target, config, seed, progress)

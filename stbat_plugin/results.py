@@ -1,0 +1,91 @@
+"""Result rows -> ``results.json`` and a markdown table shaped like the paper's Table 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stbat_plugin.config import METHODS
+
+__all__ = ["write_results", "results_table", "channel_table", "atomic_write_text"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    arr = np.asarray(values, dtype=float)
+    std = arr.std(ddof=1) if len(arr) > 1 else 0.0
+    return f"{arr.mean():.3f} ± {std:.3f}"
+
+
+def _order(label: str) -> tuple[int, str]:
+    base = label.split(" ")[0]
+    return (METHODS.index(base) if base in METHODS else len(METHODS), label)
+
+
+def results_table(rows: list[dict[str, Any]], channel: str = "mean") -> str:
+    """Methods as rows; for each train-days setting (few-shot, zero-shot) RMSE and MAE.
+
+    Cells are mean ± std over seeds of the given channel (``"mean"`` = mean over
+    channels, as the paper reports); ``-`` where a method has no such setting.
+    """
+    rows = [r for r in rows if r["channel"] == channel]
+    days = sorted({r["train_days"] for r in rows}, reverse=True)
+    cells: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    for r in rows:
+        for metric in ("rmse", "mae"):
+            cells[(r["method"], r["train_days"], metric)].append(r[metric])
+    names = [f"{d}-day" + (" (zero-shot)" if d == 0 else " (few-shot)") for d in days]
+    header = "| method | " + " | ".join(f"{n} RMSE | {n} MAE" for n in names) + " |"
+    sep = "|---" * (1 + 2 * len(days)) + "|"
+    lines = [header, sep]
+    for method in sorted({r["method"] for r in rows}, key=_order):
+        vals = [_fmt(cells.get((method, d, m), [])) for d in days for m in ("rmse", "mae")]
+        lines.append(f"| {method} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def channel_table(rows: list[dict[str, Any]]) -> str:
+    """Per-channel RMSE / MAE (mean ± std over seeds) for every method and setting."""
+    channels = sorted({r["channel"] for r in rows} - {"mean"})
+    blocks = []
+    for ch in channels:
+        blocks.append(f"### channel `{ch}`\n\n{results_table(rows, ch)}")
+    return "\n\n".join(blocks)
+
+
+def write_results(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+    """Write ``out/results.json`` (the rows) and ``out/results.md`` (the tables)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory; choose another path")
+    json_path, md_path = out / "results.json", out / "results.md"
+    atomic_write_text(json_path, json.dumps(rows, indent=1))
+    first = rows[0] if rows else {}
+    seeds = len({r["seed"] for r in rows})
+    head = (f"# {first.get('sources', '?')} -> {first.get('target', '?')} "
+            f"(backbone {first.get('backbone', '?')}, {seeds} seed(s), "
+            f"descriptors: {first.get('descriptors', '?')})\n\n"
+            "RMSE and MAE in original units over valid regions, mean over channels, "
+            "mean ± std over seeds.\n\n")
+    atomic_write_text(md_path, head + results_table(rows) + "\n\n" + channel_table(rows) + "\n")
+    return json_path, md_path

@@ -1,0 +1,171 @@
+"""A city prepared for training or evaluation: split, scaler, graph, windows, masks.
+
+Channels are independent tasks (the paper trains pickup and drop-off
+separately and reports their mean): every model is univariate and the channels
+of a batch are folded into the batch axis, so one pre-trained network serves
+cities with any number of channels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import einops
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from stbat_plugin.config import TransferConfig
+from stbat_plugin.data import (
+    City,
+    GraphContext,
+    Split,
+    WindowDataset,
+    build_graph,
+    make_scaler,
+    source_split,
+    target_split,
+    valid_region_mask,
+)
+
+__all__ = ["CityTask", "source_task", "target_task", "fold_channels", "unfold_channels"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CityTask:
+    """One city, split and scaled, with its windows and graph."""
+
+    city: City
+    role: str  # "source" or "target"
+    split: Split
+    scaler: Any
+    scaler_fit_on: str  # "train" or "val" (zero-shot target: no training data exists)
+    region_mask: np.ndarray
+    graph: GraphContext
+    scaled: np.ndarray
+    window: int
+    horizon: int
+    _context_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.city.name
+
+    def dataset(self, part: str) -> WindowDataset:
+        """Windows of ``"train"``, ``"val"`` or ``"test"`` (training stays inside its slice)."""
+        sl = getattr(self.split, part)
+        if sl is None:
+            raise ValueError(f"City {self.name!r} ({self.role}) has no {part} slice")
+        context = "inside" if part == "train" else "history"
+        return WindowDataset(self.scaled, self.city.observed, self.region_mask, sl.start,
+                             sl.stop, window=self.window, horizon=self.horizon, context=context)
+
+    def loader(self, part: str, batch_size: int, *, shuffle: bool,
+               generator: torch.Generator | None = None) -> DataLoader:
+        ds = self.dataset(part)
+        drop_last = part == "train"
+        size = min(batch_size, len(ds)) if drop_last else batch_size
+        return DataLoader(ds, batch_size=max(size, 1), shuffle=shuffle, drop_last=drop_last,
+                          generator=generator)
+
+    def graph_kwargs(self, net: Any, device: torch.device | str) -> dict[str, Any]:
+        """``edge_index``/``edge_weight`` (+ ``grid_shape``, + the backbone's ``prepare_city``)."""
+        extractor = getattr(net, "extractor", net)
+        key = f"{type(extractor).__module__}.{type(extractor).__qualname__}:{device}"
+        if key not in self._context_cache:
+            kwargs: dict[str, Any] = self.graph.to(device).as_kwargs()
+            if self.city.grid_shape is not None:
+                kwargs["grid_shape"] = tuple(self.city.grid_shape)
+            elif getattr(extractor, "layout", "graph") == "grid":
+                raise ValueError(
+                    f"Backbone {type(extractor).__name__} needs a grid city, but {self.name!r} "
+                    "has no grid_shape; use a graph backbone (e.g. graph_stnet)"
+                )
+            prepare = getattr(extractor, "prepare_city", None)
+            if prepare is not None:
+                tr = self.split.train
+                flow = torch.as_tensor(self.scaled[tr.start:tr.stop]).sum(-1, keepdim=True)
+                extra = prepare(flow.to(device), **self.graph.to(device).as_kwargs())
+                kwargs.update(extra or {})
+            self._context_cache[key] = kwargs
+        return self._context_cache[key]
+
+    def to_original(self, scaled: Tensor) -> Tensor:
+        """Inverse-transform ``[..., n, c]`` predictions to original units."""
+        return torch.as_tensor(self.scaler.inverse_transform(scaled))
+
+
+def _scale(city: City, fit_slice: slice, config: TransferConfig) -> tuple[Any, np.ndarray]:
+    scaler = make_scaler(config.scaler)
+    scaler.fit(city.flow[fit_slice], city.observed[fit_slice])
+    return scaler, np.asarray(scaler.transform(city.flow), dtype=np.float32)
+
+
+def source_task(city: City, config: TransferConfig) -> CityTask:
+    """A source city: chronological train:val (2:1 by default), scaler fitted on train."""
+    split = source_split(city.num_steps, config.source_train_ratio, config.source_val_ratio)
+    scaler, scaled = _scale(city, split.train, config)
+    mask = valid_region_mask(city, split.train)
+    return CityTask(city, "source", split, scaler, "train", mask, build_graph(city), scaled,
+                    config.window, config.horizon)
+
+
+def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask:
+    """The target city: ``train_days`` then ``val_days`` then ``test_days``, at the end.
+
+    The scaler is fitted on the training days; in zero-shot (``train_days=0``) no
+    target flow exists for training, so it is fitted on the validation slice
+    (documented in the results as ``scaler_fit_on="val"``).
+    """
+    steps_per_day = int(round(24 * 60 / city.interval_minutes))
+    split = target_split(city.num_steps, steps_per_day, train_days, config.val_days,
+                         config.test_days)
+    fit_on = "train" if train_days > 0 else "val"
+    scaler, scaled = _scale(city, split.train if train_days > 0 else split.val, config)
+    mask = valid_region_mask(city, split.train)
+    if train_days > 0 and len(_windows(split.train, config)) == 0:
+        raise ValueError(
+            f"Target {city.name!r}: {train_days} training day(s) give no window of "
+            f"{config.window}+{config.horizon} steps; use more --train-days or a smaller --window"
+        )
+    return CityTask(city, "target", split, scaler, fit_on, mask, build_graph(city), scaled,
+                    config.window, config.horizon)
+
+
+def _windows(sl: slice, config: TransferConfig) -> range:
+    return range(sl.start + config.window, sl.stop - config.horizon + 1)
+
+
+def fold_channels(batch: dict[str, Tensor], device: torch.device | str) -> tuple[Tensor, ...]:
+    """``x [b, t, n, c]`` -> ``[(b c), t, n, 1]`` (and y, mask): channels as separate samples."""
+    x = einops.rearrange(batch["x"], "b t n c -> (b c) t n 1").to(device)
+    y = einops.rearrange(batch["y"], "b s n c -> (b c) s n 1").to(device)
+    m = einops.rearrange(batch["mask"], "b s n c -> (b c) s n 1").to(device)
+    return x, y, m
+
+
+def unfold_channels(pred: Tensor, channels: int) -> Tensor:
+    """``[(b c), s, n, 1]`` -> ``[b, s, n, c]``."""
+    return einops.rearrange(pred, "(b c) s n 1 -> b s n c", c=channels)
+
+
+def round_robin(loaders: dict[str, DataLoader], rng: np.random.Generator,
+                max_batches: int | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
+    """Batches of every source city, each batch from one city, cities shuffled in turn."""
+    iters = {name: iter(loader) for name, loader in loaders.items()}
+    count = 0
+    while iters and (max_batches is None or count < max_batches):
+        for name in rng.permutation(list(iters)):
+            if max_batches is not None and count >= max_batches:
+                return
+            try:
+                yield str(name), next(iters[name])
+                count += 1
+            except StopIteration:
+                del iters[name]

@@ -1,0 +1,73 @@
+"""The adapter examples run (fast) and do what they claim: tap, and a family-claiming plugin."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+from stbat_plugin import (
+    BackboneContractError,
+    BackboneRegistry,
+    BalancedTransfer,
+    TapFeatures,
+    build_plugin_manager,
+)
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None, f"missing examples/{name}.py"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def foreign() -> ModuleType:
+    return _load("adapt_foreign_model")
+
+
+@pytest.fixture(scope="module")
+def family() -> ModuleType:
+    return _load("plugin_family_adapter")
+
+
+def test_adapt_foreign_model_main_trains(foreign, tiny_data_dir):
+    torch.manual_seed(0)
+    totals = foreign.main(root=tiny_data_dir, steps=3)
+    assert len(totals) == 3 and all(math.isfinite(v) for v in totals)
+
+
+def test_tap_gives_per_region_features_without_editing_the_model(foreign, nyc_taxi):
+    their = foreign.TheirForecaster()
+    model = BalancedTransfer(their, tap="encoder", feature_dim=32, tap_rearrange="b d n -> b n d",
+                             region_features=nyc_taxi.poi, out_channels=2)
+    x, _ = nyc_taxi.batch(size=3)
+    assert model.net.forward_features(x).shape == (3, nyc_taxi.n, 32)
+    assert not hasattr(their, "forward_features") and model(x).shape == (3, 1, nyc_taxi.n, 2)
+
+
+def test_plugin_family_adapter_main_trains(family, tiny_data_dir):
+    torch.manual_seed(0)
+    totals = family.main(root=tiny_data_dir, steps=2)
+    assert set(totals) == {"TheirMLPNet", "TheirTCNNet"}
+    assert all(math.isfinite(v) for run in totals.values() for v in run)
+
+
+def test_family_plugin_claims_every_subclass_and_nothing_else(family, empty_registry, nyc_taxi):
+    registry = BackboneRegistry(build_plugin_manager(plugins=[family.TheirFamilyPlugin()]))
+    for net in (family.TheirMLPNet(), family.TheirTCNNet()):
+        extractor = registry.adapt(net)
+        assert isinstance(extractor, TapFeatures) and extractor.feature_dim == net.hidden
+    assert registry.adapt(nn.Linear(2, 2)) is None
+    with pytest.raises(BackboneContractError, match="stbat_adapt_backbone"):
+        BalancedTransfer(family.TheirMLPNet(), registry=empty_registry,
+                         region_features=nyc_taxi.poi)
