@@ -17,10 +17,10 @@ from typing import Any
 import einops
 import torch
 import torch.nn.functional as F
-from stbat_backbones._common import check_graph_input
 from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj
 
+from stbat_backbones._common import check_graph_input
 from stbat_plugin import hookimpl
 
 logger = logging.getLogger(__name__)

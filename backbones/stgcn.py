@@ -9,11 +9,11 @@ from typing import Any
 import einops
 import torch
 import torch.nn.functional as F
-from stbat_backbones._common import check_graph_input
-from stbat_backbones._temporal import CausalConv
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 
+from stbat_backbones._common import check_graph_input
+from stbat_backbones._temporal import CausalConv
 from stbat_plugin import hookimpl
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import einops
-import torch
 from torch import Tensor, nn
 
 __all__ = ["FeatureExtractor", "TapFeatures", "BackboneContractError", "resolve_backbone"]

@@ -26,8 +26,10 @@ from stbat_plugin.methods import (
     build_network,
     finetune,
     predict,
-    pretrain as _pretrain,
     train_target_only,
+)
+from stbat_plugin.methods import (
+    pretrain as _pretrain,
 )
 from stbat_plugin.network import PredictionNetwork
 from stbat_plugin.tasks import CityTask, source_task, target_task
@@ -66,7 +68,7 @@ def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferCo
                                      kind=config.descriptors)
     if kind != "poi":
         log.warning("Region descriptors: %s fallback (not every source city has POI)", kind)
-    return tasks, {t.name: d.values for t, d in zip(tasks, descs)}, kind
+    return tasks, {t.name: d.values for t, d in zip(tasks, descs, strict=True)}, kind
 
 
 def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
@@ -132,12 +134,13 @@ def method_label(method: str, config: TransferConfig) -> str:
 def transfer(data_dir: str | Path, sources: list[str], target: str, *,
              train_days: list[int] | int = 3, methods: list[str] | None = None,
              seeds: int = 1, config: TransferConfig | None = None,
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, histories: dict | None = None) -> list[dict[str, Any]]:
     """Compare methods on one cross-city task; returns result rows (see ``results.py``).
 
     Each pre-trained method is trained once per seed on the sources and adapted to
     every value of ``train_days``; target-only, HA and ARIMA need target training
-    data and are skipped (not faked) for ``train_days=0``.
+    data and are skipped (not faked) for ``train_days=0``. When ``histories`` is a
+    dict, it receives the pre-training history of each ``(method, seed)``.
     """
     config = config or TransferConfig()
     methods = list(methods or ["stbat", "finetune", "target-only", "ha"])
@@ -152,14 +155,15 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
         for method in methods:
-            rows += _run_method(method, seed, src, targets, config, progress)
+            rows += _run_method(method, seed, src, targets, config, progress, histories)
     base = {"sources": ",".join(sources), "target": target, "backbone": config.backbone,
             "descriptors": src[2], "config": config.to_dict()}
     return [{**base, **row} for row in rows]
 
 
 def _run_method(method: str, seed: int, src: tuple, targets: dict[int, CityTask],
-                config: TransferConfig, progress: bool) -> list[dict[str, Any]]:
+                config: TransferConfig, progress: bool, histories: dict | None
+                ) -> list[dict[str, Any]]:
     tasks, descs, _ = src
     label = method_label(method, config)
     rows: list[dict[str, Any]] = []
@@ -167,6 +171,8 @@ def _run_method(method: str, seed: int, src: tuple, targets: dict[int, CityTask]
     if method in PRETRAINED_METHODS:
         start = time.perf_counter()
         pre = _pretrain(method, tasks, config, seed, descs, progress=progress)
+        if histories is not None:
+            histories[(label, seed)] = pre[1].history
         log.info("%s seed %d: pre-trained in %.1fs", label, seed, time.perf_counter() - start)
     for days, task in targets.items():
         if days == 0 and method not in PRETRAINED_METHODS:
@@ -198,8 +204,9 @@ def _classical(method: str, task: CityTask, config: TransferConfig) -> dict[str,
     if config.horizon != 1:
         raise ValueError(f"{method} is implemented for horizon=1 (got {config.horizon})")
     city, split = task.city, task.split
-    start = max(split.test.start, config.window)
-    eval_slice = slice(start, split.test.stop)
+    if split.test is None:
+        raise ValueError(f"{method}: city {city.name!r} has no test slice")
+    eval_slice = slice(max(split.test.start, config.window), split.test.stop)
     if method == "ha":
         pred = classical.historical_average(city, split.train, eval_slice)
     else:

@@ -23,16 +23,30 @@ def _csv(text: str) -> list[str]:
 def _days(text: str) -> list[int]:
     try:
         values = [int(p) for p in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--train-days takes integers like 3 or 3,0 (got {text!r})")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--train-days takes integers like 3 or 3,0 (got {text!r})") from exc
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"--train-days must be >= 0 (got {text!r})")
     return values
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"hidden\": 64}}' (got {text!r})")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run size and protocol")
     g.add_argument("--backbone", default="graph_stnet", help="registered backbone name")
+    g.add_argument("--backbone-kwargs", type=_json_object, default={},
+                   help='JSON keyword arguments of the backbone, e.g. \'{"hidden": 64}\'')
     g.add_argument("--max-epochs", type=int, default=50, help="pre-training epochs (upper bound)")
     g.add_argument("--finetune-epochs", type=int, default=50, help="target fine-tuning epochs")
     g.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
@@ -57,7 +71,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(
-        backbone=args.backbone, max_epochs=args.max_epochs, finetune_epochs=args.finetune_epochs,
+        backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, max_epochs=args.max_epochs,
+        finetune_epochs=args.finetune_epochs,
         patience=args.patience, batch_size=args.batch_size, lr=args.lr, finetune_lr=args.lr,
         max_batches_per_epoch=args.max_batches_per_epoch, device=args.device,
         source_span=args.source_span, target_span=args.target_span, window=args.window,

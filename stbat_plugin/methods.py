@@ -90,7 +90,7 @@ def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed:
     rng = np.random.default_rng(seed)
     tasks = {t.name: t for t in sources}
     if method == "stbat":
-        model: torch.nn.Module = _build_stbat(sources, config, descriptors, registry).to(device)
+        model: Any = _build_stbat(sources, config, descriptors, registry).to(device)
         net = model.transferable()
         step = _stbat_step(model, tasks, config)
     elif method == "finetune":
@@ -119,7 +119,8 @@ def _build_stbat(sources: list[CityTask], config: TransferConfig,
         raise ValueError("STBaT needs region descriptors of every source city")
     return BalancedTransfer(
         build_backbone(config, registry),
-        region_features={k: torch.as_tensor(v) for k, v in descriptors.items()} if needs else None,
+        region_features={k: torch.as_tensor(v) for k, v in (descriptors or {}).items()}
+        if needs else None,
         valid_regions={t.name: torch.as_tensor(t.region_mask) for t in sources} if needs else None,
         horizon=config.horizon, out_channels=1, embed_dim=config.embed_dim,
         bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
@@ -180,7 +181,7 @@ def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: Trans
         query = SF.weighted_prediction_loss(fast(x[half:], **graph), y[half:], None, m[half:])
         grads = torch.autograd.grad(query, list(fast.parameters()), allow_unused=True)
         outer.zero_grad(set_to_none=True)
-        for p, g in zip(net.parameters(), grads):
+        for p, g in zip(net.parameters(), grads, strict=True):
             p.grad = None if g is None else g.detach().clone()
         outer.step()
         return {"total": float(query.detach()), "pred": float(query.detach())}

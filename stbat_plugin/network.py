@@ -43,8 +43,8 @@ class PredictionNetwork(nn.Module):
     def __init__(self, extractor: nn.Module, *, horizon: int = 1, out_channels: int = 1,
                  hidden: int = 256):
         super().__init__()
-        self.extractor = extractor
-        self.feature_dim = int(extractor.feature_dim)
+        self.extractor: Any = extractor
+        self.feature_dim = int(getattr(extractor, "feature_dim"))  # noqa: B009
         self.layout = getattr(extractor, "layout", "graph")
         self.horizon = int(horizon)
         self.out_channels = int(out_channels)

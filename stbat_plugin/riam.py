@@ -42,7 +42,7 @@ class RIAM(nn.Module):
         decoder_hidden: decoder width (default: ``32``).
         use_poi: build the POI classifier (default: ``True``; ``False`` = "w/o POI").
         use_fdp: build the feature-distribution predictor (default: ``True``; ``False`` = "w/o FDP").
-        min_sigma: floor of both sigmas in the KLD (default: ``1e-4``).
+        min_sigma: floor of both sigmas in the KLD (default: ``1e-2``).
 
     Shapes:
         p: ``[n, k]`` -> phi ``[n, D]``.
@@ -50,7 +50,7 @@ class RIAM(nn.Module):
 
     def __init__(self, num_descriptors: int, feature_dim: int, *, embed_dim: int = 32,
                  hidden: int = 16, decoder_hidden: int = 32, use_poi: bool = True,
-                 use_fdp: bool = True, min_sigma: float = 1e-4):
+                 use_fdp: bool = True, min_sigma: float = 1e-2):
         super().__init__()
         self.encoder = FeedForward(num_descriptors, hidden, embed_dim)
         self.poi_classifier = (

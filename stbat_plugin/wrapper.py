@@ -37,6 +37,11 @@ class Losses:
 class _City(nn.Module):
     """Per-city state: descriptors, valid regions, and the cached imbalance (rho, delta)."""
 
+    descriptors: Tensor
+    valid: Tensor
+    log_density: Tensor
+    delta: Tensor
+
     def __init__(self, descriptors: Tensor, valid: Tensor):
         super().__init__()
         self.register_buffer("descriptors", descriptors)
@@ -78,7 +83,7 @@ class BalancedTransfer(nn.Module):
             built nor computed.
         loss: elementwise prediction loss, ``"mse"``, ``"mae"`` or ``"huber"`` (default: ``"mse"``).
         predictor_hidden, projector_dim: widths (default: ``256`` each, as the paper).
-        min_sigma: floor of both sigmas in the KLD (default: ``1e-4``).
+        min_sigma: floor of both sigmas in the KLD, in feature units (default: ``1e-2``).
         registry: backbone registry whose adapter hooks may claim ``backbone``
             (default: the installed plugins).
 
@@ -109,7 +114,7 @@ class BalancedTransfer(nn.Module):
         loss: str = "mse",
         predictor_hidden: int = 256,
         projector_dim: int = 256,
-        min_sigma: float = 1e-4,
+        min_sigma: float = 1e-2,
         registry: Any = None,
     ):
         super().__init__()
@@ -156,7 +161,7 @@ class BalancedTransfer(nn.Module):
                 f"City {name!r}: valid_regions must be a bool vector of length n={p.shape[0]} "
                 f"with at least 2 True (got shape {list(mask.shape)}, {int(mask.sum())} True)"
             )
-        device = self.riam.encoder[0].weight.device
+        device = next(self.riam.parameters()).device
         self.cities[name] = _City(p.to(device), mask.to(device))
 
     def stblm_parameters(self) -> list[nn.Parameter]:

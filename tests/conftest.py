@@ -20,6 +20,11 @@ from stbat_plugin import BackboneRegistry, build_plugin_manager
 
 TINY_DATA_DIR = Path(__file__).parents[1] / "data" / "tiny"
 
+# The tests use tiny tensors, which gain nothing from intra-op threads; on a busy 2-core
+# machine two OpenMP threads per process stall each other (measured: 70 s vs 8 s for
+# test_functional + test_riam_wrapper + test_registry + test_adapters + test_conformance).
+torch.set_num_threads(1)
+
 
 # --------------------------------------------------------------------------- registries
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from stbat_backbones.gwnet import transition_matrices
 from stbat_backbones.pdformer import neighbourhood_mask, semantic_neighbours
-
 from stbat_plugin import BalancedTransfer
 from stbat_plugin.data import grid_graph
 from stbat_plugin.testing import check_backbone, ring_graph
