@@ -34,12 +34,19 @@ def main(out: Path = ROOT / "runs" / "demo", seeds: int = 2) -> str:
         patience=3,
     )
     start = time.perf_counter()
+    grid = api.pretrain(ROOT / "data", ["nyc_bike_grid2014"], method="stbat", progress=False,
+                        config=TransferConfig(backbone="stnet", max_epochs=4,
+                                              backbone_kwargs={"channels": 32, "hidden": 64},
+                                              max_batches_per_epoch=30))
+    print(_loss_table(grid.history, f"STBaT around stnet on the NYC 2014 grid "
+                                    f"(descriptors: {grid.data['descriptors']})"))
     histories: dict = {}
     rows = api.transfer(ROOT / "data", ["nyc_bike", "nyc_taxi"], "melbourne_pedestrian",
                         train_days=[3, 0], methods=["stbat", "finetune", "target-only", "ha"],
                         seeds=seeds, config=config, progress=False, histories=histories)
     write_results(rows, out)
-    print(_loss_table(histories[("stbat", 0)]))
+    print(_loss_table(histories[("stbat", 0)], "STBaT around graph_stnet on NYC bike + taxi "
+                                               "zones (descriptors: POI), seed 0"))
     table = results_table(rows)
     print(f"\nNYC bike + taxi -> Melbourne pedestrians (graph_stnet, {seeds} seeds; target: "
           f"3 training days, {config.val_days} validation days, last {config.test_days} days "
@@ -49,10 +56,10 @@ def main(out: Path = ROOT / "runs" / "demo", seeds: int = 2) -> str:
     return table
 
 
-def _loss_table(history: list[dict]) -> str:
-    """STBaT pre-training, seed 0: every loss term per epoch (means over the epoch)."""
+def _loss_table(history: list[dict], title: str) -> str:
+    """Every loss term of STBaT pre-training per epoch (means over the epoch)."""
     keys = ["pred", "simdcl", "poi_ce", "kld", "emb", "val"]
-    lines = ["STBaT pre-training on NYC bike + taxi (seed 0), epoch means:",
+    lines = [f"\n{title}: epoch means of each loss term, source validation RMSE (scaled)",
              "epoch " + " ".join(f"{k:>10}" for k in keys)]
     for h in history[1:]:
         lines.append(f"{h['epoch']:>5} " + " ".join(f"{h.get(k, float('nan')):>10.4g}" for k in keys))

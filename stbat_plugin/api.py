@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Pretrained:
     data: dict[str, Any]
     epochs: int = 0
     seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def load(data_dir: str | Path, name: str, span: str | None) -> City:
@@ -83,7 +84,7 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
     data = {"sources": list(sources), "descriptors": kind, "seed": seed,
             "spans": {t.name: t.city.span for t in tasks},
             "channels": {t.name: list(t.city.channels) for t in tasks}}
-    result = Pretrained(net, method, config, data, fit.epochs_run, fit.seconds)
+    result = Pretrained(net, method, config, data, fit.epochs_run, fit.seconds, fit.history)
     if save is not None:
         save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
     return result

@@ -42,6 +42,10 @@ def _json_object(text: str) -> dict:
     return value
 
 
+#: model settings a checkpoint fixes; ``stbat adapt`` takes them from the checkpoint
+_MODEL_OPTIONS = ("backbone", "backbone_kwargs", "window", "horizon", "scaler")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run size and protocol")
     g.add_argument("--backbone", default="graph_stnet", help="registered backbone name")
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="optional folder for metrics.json")
     _add_run_options(a)
-    a.set_defaults(backbone=None)  # default: the checkpoint's own backbone
+    # default: the checkpoint's own model settings (given ones are checked against it)
+    a.set_defaults(**{key: None for key in _MODEL_OPTIONS})
 
     d = sub.add_parser("datasets", help="list the cities of a data folder")
     d.add_argument("--data-dir", required=True)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, TypeError) as exc:
+    except (ValueError, KeyError, OSError, TypeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"stbat {args.command}: error: {msg}", file=sys.stderr)
         return 2
@@ -142,6 +147,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             dist = f"{b['distribution']} {b['version']}" if b["distribution"] else "(not installed)"
             print(f"{b['name']:<16} {b['layout']:<6} {b['plugin']:<14} {dist:<26} {b['description']}")
     elif args.command == "transfer":
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():  # fail before the run, not after it
+            raise NotADirectoryError(f"--out {out} exists and is not a directory; choose another path")
         rows = api.transfer(args.data_dir, args.source, args.target, train_days=args.train_days,
                             methods=args.methods, seeds=args.seeds, config=_config(args),
                             progress=not args.quiet)
@@ -154,8 +162,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"pre-trained {pre.method} on {','.join(args.source)} in {pre.epochs} epochs "
               f"({pre.seconds:.1f}s); saved {args.save}")
     elif args.command == "adapt":
-        if args.backbone is None:
-            args.backbone = load_checkpoint(args.checkpoint)["backbone"]
+        saved = load_checkpoint(args.checkpoint)["config"]
+        for key in _MODEL_OPTIONS:
+            if getattr(args, key) is None:
+                setattr(args, key, saved[key])
         result = api.adapt(args.checkpoint, args.data_dir, args.target, args.train_days,
                            config=_config(args), seed=args.seed, progress=not args.quiet)
         text = json.dumps(result, indent=1)

@@ -79,7 +79,7 @@ def write_results(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Pa
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory; choose another path")
     json_path, md_path = out / "results.json", out / "results.md"
-    atomic_write_text(json_path, json.dumps(rows, indent=1))
+    text = json.dumps(rows, indent=1)  # render both before writing either
     first = rows[0] if rows else {}
     seeds = len({r["seed"] for r in rows})
     head = (f"# {first.get('sources', '?')} -> {first.get('target', '?')} "
@@ -87,5 +87,7 @@ def write_results(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Pa
             f"descriptors: {first.get('descriptors', '?')})\n\n"
             "RMSE and MAE in original units over valid regions, mean over channels, "
             "mean ± std over seeds.\n\n")
-    atomic_write_text(md_path, head + results_table(rows) + "\n\n" + channel_table(rows) + "\n")
+    table = head + results_table(rows) + "\n\n" + channel_table(rows) + "\n"
+    atomic_write_text(json_path, text)
+    atomic_write_text(md_path, table)
     return json_path, md_path

@@ -125,7 +125,7 @@ def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask
     """
     steps_per_day = int(round(24 * 60 / city.interval_minutes))
     split = target_split(city.num_steps, steps_per_day, train_days, config.val_days,
-                         config.test_days)
+                         config.test_days, name=f"target city {city.name!r}")
     fit_on = "train" if train_days > 0 else "val"
     scaler, scaled = _scale(city, split.train if train_days > 0 else split.val, config)
     mask = valid_region_mask(city, split.train)

@@ -404,12 +404,23 @@ def test_pattern_similarity_symmetric_unit_diagonal(phi):
 
 
 # =========================================================================== Eq. 13
-@pytest.mark.parametrize("tau", [0.5, 1.0])
+@pytest.mark.parametrize("tau", [0.05, 0.5, 1.0])
 def test_simdcl_matches_naive_continuous_delta(tau):
     d = _randn(6, 4, seed=9)
     delta = SF.pattern_similarity(_randn(6, 3, seed=10))
     _assert_same(lambda d_: SF.simdcl_loss(d_, delta, tau),
                  lambda d_: naive_simdcl_loss(d_, delta, tau), [d])
+
+
+@pytest.mark.parametrize("tau", [0.01, 1.0])
+def test_simdcl_float32_both_paths_agree_with_float64(tau):
+    """float32 takes the bounded exp/cumsum path at tau=1 and logcumsumexp at tau=0.01."""
+    d = _randn(30, 8, seed=21)
+    delta = torch.randint(0, 4, (30, 30), generator=torch.Generator().manual_seed(3)).to(F64)
+    ref = SF.simdcl_loss(d, delta, tau)
+    got = SF.simdcl_loss(d.float(), delta.float(), tau)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(4))
