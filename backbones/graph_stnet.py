@@ -28,7 +28,7 @@ def gcn_operator(edge_index: Tensor, edge_weight: Tensor | None, n: int, dtype: 
     """
     weight = None if edge_weight is None else edge_weight.to(dtype)
     ei, w = gcn_norm(edge_index, weight, n, add_self_loops=True, dtype=dtype)
-    return torch.sparse_coo_tensor(ei.flip(0), w, (n, n)).coalesce()
+    return torch.sparse_coo_tensor(ei.flip(0), w, (n, n), check_invariants=False).coalesce()
 
 
 class GraphConv(nn.Module):

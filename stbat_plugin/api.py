@@ -80,14 +80,18 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
     if method not in PRETRAINED_METHODS:
         raise ValueError(f"Unknown pre-training method {method!r}; choose from {PRETRAINED_METHODS}")
     tasks, descs, kind = prepare_sources(data_dir, sources, config)
-    net, fit = _pretrain(method, tasks, config, seed, descs, progress=progress)
     data = {"sources": list(sources), "descriptors": kind, "seed": seed,
             "spans": {t.name: t.city.span for t in tasks},
             "channels": {t.name: list(t.city.channels) for t in tasks}}
-    result = Pretrained(net, method, config, data, fit.epochs_run, fit.seconds, fit.history)
-    if save is not None:
-        save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
-    return result
+
+    def checkpoint(net: PredictionNetwork) -> None:
+        if save is not None:  # best-so-far, atomically: an interrupted run keeps its best model
+            save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
+
+    net, fit = _pretrain(method, tasks, config, seed, descs, progress=progress,
+                         on_improve=checkpoint)
+    checkpoint(net)  # the best state, also when epoch 0 (no training) was best
+    return Pretrained(net, method, config, data, fit.epochs_run, fit.seconds, fit.history)
 
 
 def from_checkpoint(path: str | Path, config: TransferConfig | None = None) -> Pretrained:

@@ -69,7 +69,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("STBaT ablations (paper Fig. 3)")
     for flag in ("poi", "fdp", "simdcl", "wloss"):
         s.add_argument(f"--no-{flag}", action="store_true", help=f"STBaT w/o {flag}")
-    s.add_argument("--simdcl-weight", type=float, default=1.0)
+    s.add_argument("--simdcl-weight", type=float, default=0.01,
+                   help="weight of SimDCL next to the prediction loss")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

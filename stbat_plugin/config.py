@@ -48,7 +48,7 @@ class TransferConfig:
     bandwidth: float = 0.85
     tau: float = 1.0
     beta: float = 0.01
-    simdcl_weight: float = 1.0
+    simdcl_weight: float = 0.01  # chosen on target validation, see docs/results.md
     use_poi: bool = True
     use_fdp: bool = True
     use_simdcl: bool = True

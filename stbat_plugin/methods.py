@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,13 @@ def _loaders(tasks: list[CityTask], config: TransferConfig, gen: torch.Generator
 
 def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed: int,
              descriptors: dict[str, np.ndarray] | None = None, registry: Any = None,
-             progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
-    """Pre-train ``stbat``, ``finetune`` (plain) or ``maml`` on the source cities."""
+             progress: bool = True, on_improve: Callable[[PredictionNetwork], None] | None = None,
+             ) -> tuple[PredictionNetwork, FitResult]:
+    """Pre-train ``stbat``, ``finetune`` (plain) or ``maml`` on the source cities.
+
+    ``on_improve(net)`` is called whenever source validation improves (e.g. to
+    write the best-so-far checkpoint).
+    """
     seed_everything(seed)
     device = config.device
     gen = torch.Generator().manual_seed(seed)
@@ -102,7 +108,8 @@ def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed:
     else:
         raise ValueError(f"Unknown pre-training method {method!r}; use stbat, finetune or maml")
     trainer = Trainer(max_epochs=config.max_epochs, patience=config.patience,
-                      progress=progress, desc=f"pretrain {method}")
+                      progress=progress, desc=f"pretrain {method}",
+                      on_improve=None if on_improve is None else (lambda _m: on_improve(net)))
     result = trainer.fit(
         model,
         lambda: round_robin(_loaders(sources, config, gen), rng, config.max_batches_per_epoch),

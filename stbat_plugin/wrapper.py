@@ -21,7 +21,11 @@ DEFAULT_CITY = "default"
 
 @dataclass(frozen=True)
 class Losses:
-    """Named loss breakdown of one iteration (floats; 0.0 where a term is switched off)."""
+    """Named loss breakdown of one iteration (floats; 0.0 where a term is switched off).
+
+    ``total`` is step 1's objective (``pred + simdcl_weight * simdcl``); ``emb`` is
+    RIAM's L_emb of step 2 (``poi_ce + beta * kld``), optimised separately.
+    """
 
     total: float
     pred: float
