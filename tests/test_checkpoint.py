@@ -32,15 +32,6 @@ PRETRAIN_ARGS = ["--data-dir", str(TINY), "--source", "nyc_bike", "--source-span
                  "--backbone-kwargs", json.dumps(SMALL_NET), "--seed", "0", *TINY_RUN]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only adds overhead (and stalls a busy 2-core CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(args: list) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from _data_synth import TINY, city_arrays, hourly_stamps
 
 from stbat_plugin import classical
@@ -33,15 +32,6 @@ ROW_KEYS = {"method", "sources", "target", "train_days", "channel", "seed", "rms
             "backbone", "descriptors", "config", "scaler_fit_on"}
 ZERO_SHOT_METHODS = {"stbat", "finetune", "maml"}
 ALL_METHODS = ["stbat", "finetune", "target-only", "ha", "arima", "maml"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only adds overhead (and stalls a busy 2-core CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stbat_plugin import api
 from stbat_plugin import methods as methods_module
@@ -25,15 +24,6 @@ TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
 DAY = 24  # hourly data
 T_TINY = 672  # 28 days
 SMALL_NET = {"channels": 8, "hidden": 16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: a second intra-op thread only adds overhead (and stalls a busy 2-core CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(**kw) -> TransferConfig:
