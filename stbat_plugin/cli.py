@@ -144,6 +144,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         print(api.datasets(args.data_dir))
     elif args.command == "backbones":
+        print(f"{'name':<16} {'layout':<6} {'plugin':<14} {'distribution':<26} description")
         for b in api.backbones():
             dist = f"{b['distribution']} {b['version']}" if b["distribution"] else "(not installed)"
             print(f"{b['name']:<16} {b['layout']:<6} {b['plugin']:<14} {dist:<26} {b['description']}")
