@@ -377,3 +377,18 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
         results.write_results(rows, out)
     assert (out / "results.json").read_text() == '[{"old": true}]'
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("backbone", ["pdformer", "gwnet", "stgcn", "graph_stnet"])
+def test_transfer_with_every_graph_backbone(tmp_path, backbone):
+    """`stbat transfer --backbone X` works for each built-in graph backbone on bundled real data."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["transfer", "--data-dir", TINY, "--backbone", backbone, "--source", "nyc_taxi",
+         *SHORT_SOURCES, "--target", "melbourne_pedestrian", "--train-days", "3,0",
+         "--methods", "stbat,finetune", "--out", out, *TINY_RUN])
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["train_days"]) for r in rows} == {
+        ("stbat", 3), ("stbat", 0), ("finetune", 3), ("finetune", 0)}
+    assert all(r["backbone"] == backbone and math.isfinite(r["rmse"]) for r in rows)
