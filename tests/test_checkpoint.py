@@ -7,19 +7,17 @@ written atomically.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import run_cli
 
 import stbat_plugin
 from stbat_plugin import api
 from stbat_plugin.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from stbat_plugin.cli import main
 from stbat_plugin.config import TransferConfig
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
@@ -30,16 +28,6 @@ TINY_RUN = ["--val-days", "3", "--test-days", "4", "--max-epochs", "1", "--finet
             "--max-batches-per-epoch", "2", "--batch-size", "8", "--quiet"]
 PRETRAIN_ARGS = ["--data-dir", str(TINY), "--source", "nyc_bike", "--source-span", SOURCE_SPAN,
                  "--backbone-kwargs", json.dumps(SMALL_NET), "--seed", "0", *TINY_RUN]
-
-
-def run_cli(args: list) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def the_config() -> TransferConfig:

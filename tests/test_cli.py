@@ -6,9 +6,7 @@ is shared by the result-file tests; bad inputs are written next to copies of goo
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import logging
 import math
@@ -18,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_helpers import run_cli
 from _data_synth import TINY, city_arrays, hourly_stamps
 
 from stbat_plugin import classical
-from stbat_plugin.cli import main
 from stbat_plugin.config import METHODS
 
 SMALL_NET = '{"channels": 8, "hidden": 16}'
@@ -32,17 +30,6 @@ ROW_KEYS = {"method", "sources", "target", "train_days", "channel", "seed", "rms
             "backbone", "descriptors", "config", "scaler_fit_on"}
 ZERO_SHOT_METHODS = {"stbat", "finetune", "maml"}
 ALL_METHODS = ["stbat", "finetune", "target-only", "ha", "arima", "maml"]
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``stbat ARGS`` in-process: (exit code, stdout, stderr); argparse exits count as codes."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def synth_city(directory: Path, name: str = "synth_town", num_regions: int = 5,
