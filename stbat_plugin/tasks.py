@@ -79,7 +79,8 @@ class CityTask:
         extractor = getattr(net, "extractor", net)
         key = f"{type(extractor).__module__}.{type(extractor).__qualname__}:{device}"
         if key not in self._context_cache:
-            kwargs: dict[str, Any] = self.graph.to(device).as_kwargs()
+            graph = self.graph.to(device).as_kwargs()
+            kwargs: dict[str, Any] = dict(graph)
             if self.city.grid_shape is not None:
                 kwargs["grid_shape"] = tuple(self.city.grid_shape)
             elif getattr(extractor, "layout", "graph") == "grid":
@@ -91,7 +92,7 @@ class CityTask:
             if prepare is not None:
                 tr = self.split.train
                 flow = torch.as_tensor(self.scaled[tr.start:tr.stop]).sum(-1, keepdim=True)
-                extra = prepare(flow.to(device), **self.graph.to(device).as_kwargs())
+                extra = prepare(flow.to(device), **graph)
                 kwargs.update(extra or {})
             self._context_cache[key] = kwargs
         return self._context_cache[key]
