@@ -16,17 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from stbat_plugin import classical, metrics
+from stbat_plugin import metrics
 from stbat_plugin._registry import default_registry
 from stbat_plugin.checkpoint import load_checkpoint, save_checkpoint
-from stbat_plugin.config import METHODS, PRETRAINED_METHODS, TransferConfig
+from stbat_plugin.config import TransferConfig
+from stbat_plugin.method_registry import get_method, method_names
 from stbat_plugin.data import City, load_city, parse_span, region_descriptors
 from stbat_plugin.methods import (
     build_network,
     finetune,
     predict,
-    train_target_only,
 )
 from stbat_plugin.methods import (
     pretrain as _pretrain,
@@ -34,10 +35,13 @@ from stbat_plugin.methods import (
 from stbat_plugin.network import PredictionNetwork
 from stbat_plugin.tasks import CityTask, source_task, target_task
 
-__all__ = ["Pretrained", "load", "prepare_sources", "pretrain", "adapt", "transfer",
-           "evaluate", "method_label"]
+__all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
+           "transfer", "run_method", "evaluate", "evaluate_forecast", "method_label"]
 
 log = logging.getLogger(__name__)
+
+#: what ``transfer`` compares when no methods are given
+DEFAULT_METHODS = ("stbat", "finetune", "target-only", "persistence", "ha")
 
 
 @dataclass
@@ -59,8 +63,17 @@ def load(data_dir: str | Path, name: str, span: str | None) -> City:
     return city.restrict(start, end) if (start or end) else city
 
 
+@dataclass
+class SourceData:
+    """Source cities ready for pre-training: tasks, RIAM descriptors and their kind."""
+
+    tasks: list[CityTask]
+    descriptors: dict[str, np.ndarray]
+    kind: str  # "poi", "temporal_profile" or "none"
+
+
 def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferConfig
-                    ) -> tuple[list[CityTask], dict[str, np.ndarray], str]:
+                    ) -> SourceData:
     """Source tasks plus region descriptors (POI, or the temporal-profile fallback)."""
     if not sources:
         raise ValueError("Give at least one source city (--source a,b)")
@@ -69,7 +82,7 @@ def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferCo
                                      kind=config.descriptors)
     if kind != "poi":
         log.warning("Region descriptors: %s fallback (not every source city has POI)", kind)
-    return tasks, {t.name: d.values for t, d in zip(tasks, descs, strict=True)}, kind
+    return SourceData(tasks, {t.name: d.values for t, d in zip(tasks, descs, strict=True)}, kind)
 
 
 def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
@@ -77,9 +90,11 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
              progress: bool = True) -> Pretrained:
     """Pre-train ``method`` (stbat, finetune or maml) on the sources; optionally save it."""
     config = config or TransferConfig()
-    if method not in PRETRAINED_METHODS:
-        raise ValueError(f"Unknown pre-training method {method!r}; choose from {PRETRAINED_METHODS}")
-    tasks, descs, kind = prepare_sources(data_dir, sources, config)
+    if not get_method(method).pretrains:
+        pre = [m for m in method_names() if get_method(m).pretrains]
+        raise ValueError(f"Method {method!r} is not pre-trained; choose from {pre}")
+    src = prepare_sources(data_dir, sources, config)
+    tasks, descs, kind = src.tasks, src.descriptors, src.kind
     data = {"sources": list(sources), "descriptors": kind, "seed": seed,
             "spans": {t.name: t.city.span for t in tasks},
             "channels": {t.name: list(t.city.channels) for t in tasks}}
@@ -99,7 +114,7 @@ def from_checkpoint(path: str | Path, config: TransferConfig | None = None) -> P
     payload = load_checkpoint(path, expect_backbone=config.backbone if config else None,
                               expect_config=config)
     saved = TransferConfig.from_dict(payload["config"])
-    net = build_network(saved)
+    net = get_method(payload["method"]).network(saved, None)
     net.load_state_dict(payload["state_dict"])
     run_config = replace(config, **saved.model_signature()) if config else saved
     return Pretrained(net, payload["method"], run_config, payload["data"])
@@ -138,89 +153,120 @@ def method_label(method: str, config: TransferConfig) -> str:
 
 def transfer(data_dir: str | Path, sources: list[str], target: str, *,
              train_days: list[int] | int = 3, methods: list[str] | None = None,
-             seeds: int = 1, config: TransferConfig | None = None,
-             progress: bool = True, histories: dict | None = None) -> list[dict[str, Any]]:
+             seeds: int | list[int] = 1, config: TransferConfig | None = None,
+             progress: bool = True, histories: dict | None = None, registry: Any = None,
+             on_rows: Any = None) -> list[dict[str, Any]]:
     """Compare methods on one cross-city task; returns result rows (see ``results.py``).
 
     Each pre-trained method is trained once per seed on the sources and adapted to
-    every value of ``train_days``; target-only, HA and ARIMA need target training
-    data and are skipped (not faked) for ``train_days=0``. When ``histories`` is a
-    dict, it receives the pre-training history of each ``(method, seed)``.
+    every value of ``train_days``; methods that need target training data (target-only,
+    HA, ARIMA) are skipped (not faked) for ``train_days=0``. ``seeds`` is a count
+    (``range(seeds)``) or a list of seeds. When ``histories`` is a dict, it receives the
+    pre-training history of each ``(method, seed)``; ``on_rows(rows)`` is called with the
+    rows of each (method, seed) as soon as they exist.
     """
     config = config or TransferConfig()
-    methods = list(methods or ["stbat", "finetune", "target-only", "ha"])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        get_method(m)
     days = [train_days] if isinstance(train_days, int) else list(train_days)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    _check_methods(methods, days, config)
     target_city = load(data_dir, target, config.target_span)
     targets = {d: target_task(target_city, d, config) for d in days}
-    needs_sources = any(m in PRETRAINED_METHODS for m in methods)
-    src = prepare_sources(data_dir, sources, config) if needs_sources else ([], {}, "none")
+    src = prepare_sources(data_dir, sources, config) if any(
+        get_method(m).pretrains for m in methods) else SourceData([], {}, "none")
     rows: list[dict[str, Any]] = []
-    for seed in range(seeds):
+    for seed in seed_list:
         for method in methods:
-            rows += _run_method(method, seed, src, targets, config, progress, histories)
-    base = {"sources": ",".join(sources), "target": target, "backbone": config.backbone,
-            "descriptors": src[2], "config": config.to_dict()}
-    return [{**base, **row} for row in rows]
-
-
-def _run_method(method: str, seed: int, src: tuple, targets: dict[int, CityTask],
-                config: TransferConfig, progress: bool, histories: dict | None
-                ) -> list[dict[str, Any]]:
-    tasks, descs, _ = src
-    label = method_label(method, config)
-    rows: list[dict[str, Any]] = []
-    pre = None
-    if method in PRETRAINED_METHODS:
-        start = time.perf_counter()
-        pre = _pretrain(method, tasks, config, seed, descs, progress=progress)
-        if histories is not None:
-            histories[(label, seed)] = pre[1].history
-        log.info("%s seed %d: pre-trained in %.1fs", label, seed, time.perf_counter() - start)
-    for days, task in targets.items():
-        if days == 0 and method not in PRETRAINED_METHODS:
-            continue  # needs target training data: no zero-shot version exists
-        start = time.perf_counter()
-        result = _adapt_one(method, pre, task, days, config, seed, progress)
-        seconds = time.perf_counter() - start
-        for channel, vals in result.items():
-            rows.append({"method": label, "train_days": days, "channel": channel, "seed": seed,
-                         "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
-                         "scaler_fit_on": task.scaler_fit_on})
+            new = run_method(method, seed, src, targets, config, progress=progress,
+                             histories=histories, registry=registry)
+            new = [{**_row_base(sources, target, config, src.kind), **r} for r in new]
+            if on_rows is not None:
+                on_rows(new)
+            rows += new
     return rows
 
 
-def _adapt_one(method: str, pre: Any, task: CityTask, days: int, config: TransferConfig,
-               seed: int, progress: bool) -> dict[str, dict]:
-    if method in PRETRAINED_METHODS:
-        net = pre[0]
-        if days > 0:
-            net, _ = finetune(net, task, config, seed, progress=progress)
-        return evaluate(net, task, config.device)
-    if method == "target-only":
-        net, _ = train_target_only(task, config, seed, progress=progress)
-        return evaluate(net, task, config.device)
-    return _classical(method, task, config)
+def _row_base(sources: list[str], target: str, config: TransferConfig, kind: str) -> dict:
+    return {"sources": ",".join(sources), "target": target, "backbone": config.backbone,
+            "descriptors": kind, "config": config.to_dict()}
 
 
-def _classical(method: str, task: CityTask, config: TransferConfig) -> dict[str, dict]:
-    if config.horizon != 1:
-        raise ValueError(f"{method} is implemented for horizon=1 (got {config.horizon})")
-    city, split = task.city, task.split
-    if split.test is None:
-        raise ValueError(f"{method}: city {city.name!r} has no test slice")
-    eval_slice = slice(max(split.test.start, config.window), split.test.stop)
-    if method == "ha":
-        pred = classical.historical_average(city, split.train, eval_slice)
-    else:
-        pred = classical.arima_forecast(city, split.train, eval_slice)
-    target = city.flow[eval_slice]
-    mask = city.observed[eval_slice][..., None] & task.region_mask[None, :, None]
-    mask = np.broadcast_to(mask, target.shape).copy()
-    return metrics.per_channel_metrics(torch.as_tensor(pred), torch.as_tensor(target),
-                                       torch.as_tensor(mask), list(city.channels))
+def _check_methods(methods: list[str], days: list[int], config: TransferConfig) -> None:
+    """Refuse, before any training, settings a method cannot run with."""
+    for m in methods:
+        spec = get_method(m)
+        if spec.horizon_one and config.horizon != 1:
+            raise ValueError(f"method {m!r} forecasts one step ahead only; use --horizon 1 or "
+                             f"drop {m} from --methods")
+        if not spec.zero_shot and days and all(d == 0 for d in days):
+            raise ValueError(f"method {m!r} needs target training days, but --train-days is "
+                             f"{days}; add a few-shot setting (e.g. --train-days 3,0) or drop {m}")
+
+
+def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityTask],
+               config: TransferConfig, *, progress: bool = True, histories: dict | None = None,
+               registry: Any = None, pretrained: nn.Module | None = None,
+               ) -> list[dict[str, Any]]:
+    """Rows of one method and seed on every target setting (pre-training once, if any).
+
+    ``pretrained`` skips pre-training with a network already trained for this
+    (method, config, seed), e.g. from a cache.
+    """
+    spec = get_method(method)
+    label = method_label(method, config)
+    rows: list[dict[str, Any]] = []
+    net, pre_seconds = pretrained, 0.0
+    if spec.pretrains and net is None:
+        start = time.perf_counter()
+        net, fit = _pretrain(method, src.tasks, config, seed, src.descriptors,
+                             registry=registry, progress=progress)
+        pre_seconds = time.perf_counter() - start
+        if histories is not None:
+            histories[(label, seed)] = fit.history
+        log.info("%s seed %d: pre-trained in %.1fs", label, seed, pre_seconds)
+    for days, task in targets.items():
+        if days == 0 and not spec.zero_shot:
+            continue  # needs target training data: no zero-shot version exists
+        start = time.perf_counter()
+        forecast = spec.adapt(net, task, config, seed, registry, progress)
+        seconds = time.perf_counter() - start
+        for channel, vals in evaluate_forecast(forecast, list(task.city.channels)).items():
+            rows.append({"method": label, "train_days": days, "channel": channel, "seed": seed,
+                         "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
+                         "pretrain_seconds": pre_seconds, "scaler_fit_on": task.scaler_fit_on,
+                         "info": forecast.info, "regions": vals["regions"]})
+    return rows
+
+
+def evaluate_forecast(fc: Any, channels: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-channel and mean RMSE / MAE, and each region's errors, of a forecast.
+
+    Raises an error naming the channel when an error is not finite (never written as NaN).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    summary = metrics.per_channel_metrics(fc.pred, fc.target, fc.mask, channels)
+    per_region = [metrics.per_region_errors(fc.pred[..., i], fc.target[..., i], fc.mask[..., i])
+                  for i in range(len(channels))]
+    for name, vals in summary.items():
+        if not all(np.isfinite(v) for v in vals.values()):
+            raise FloatingPointError(f"channel {name!r}: non-finite error {vals}; the model "
+                                     "produced NaN or inf forecasts")
+    for i, name in enumerate(channels):
+        out[name] = {**summary[name], "regions": per_region[i]}
+    out["mean"] = {**summary["mean"], "regions": _mean_regions(per_region)}
+    return out
+
+
+def _mean_regions(per_region: list[dict[str, list]]) -> dict[str, list]:
+    n = len(per_region[0]["rmse"])
+    mean: dict[str, list] = {}
+    for key in ("rmse", "mae"):
+        vals = [[pr[key][j] for pr in per_region] for j in range(n)]
+        mean[key] = [None if any(v is None for v in col) else float(np.mean(col)) for col in vals]
+    mean["count"] = [int(sum(pr["count"][j] for pr in per_region)) for j in range(n)]
+    return mean
 
 
 def datasets(data_dir: str | Path) -> str:

@@ -1,7 +1,9 @@
-"""Non-deep baselines in ORIGINAL units: historical average (HA) and per-series ARIMA.
+"""Non-deep baselines in ORIGINAL units: persistence, seasonal naive, historical average (HA)
+and per-series ARIMA.
 
-Both fit on the target's training slice and predict every step of an evaluation slice that
-starts at or after the end of training (the same targets the deep models are scored on).
+HA and ARIMA fit on the target's training slice; persistence and seasonal need no training
+data (they run zero-shot). All predict every step of an evaluation slice (the same targets
+the deep models are scored on) from observations before that step only.
 """
 
 from __future__ import annotations
@@ -56,6 +58,61 @@ def _masked_means(
     np.add.at(sums, keys, np.where(obs[..., None], values, 0.0))
     np.add.at(counts, keys, obs.astype(np.float64))
     return sums / np.maximum(counts, 1)[..., None], counts
+
+
+def last_observed(city: City, stop: int) -> np.ndarray:
+    """The last observed value at or before each step ``< stop`` (0 before any observation).
+
+    Shapes:
+        returns [stop, N, C] float64, original units.
+    """
+    obs = city.observed[:stop]
+    steps = np.where(obs, np.arange(stop)[:, None], -1)
+    latest = np.maximum.accumulate(steps, axis=0)  # [stop, N]: index of the last observation
+    flow = city.flow[:stop].astype(np.float64)
+    filled = np.take_along_axis(flow, np.maximum(latest, 0)[..., None], axis=0)
+    return np.where((latest >= 0)[..., None], filled, 0.0)
+
+
+def _eval_range(city: City, eval_slice: slice, method: str, lag: int = 1) -> range:
+    ev = range(*eval_slice.indices(city.num_steps))
+    if ev.step != 1 or (len(ev) and ev.start < lag):
+        raise BaselineError(
+            f"{method}: the evaluation slice {ev.start}:{ev.stop} needs {lag} step(s) of history "
+            f"before it in {city.name!r}; start it at step {lag} or later."
+        )
+    return ev
+
+
+def persistence(city: City, eval_slice: slice) -> np.ndarray:
+    """Repeat the last observed value: the forecast of step ``t`` is ``y[t-1]``.
+
+    An unobserved ``y[t-1]`` is replaced by the latest observed value before it.
+
+    Shapes:
+        returns [len(eval_slice), N, C] float32, original units.
+    """
+    ev = _eval_range(city, eval_slice, "persistence")
+    if not len(ev):
+        return np.zeros((0, city.num_regions, city.num_channels), np.float32)
+    return last_observed(city, ev.stop - 1)[ev.start - 1:].astype(np.float32)
+
+
+def seasonal_naive(city: City, eval_slice: slice, lag: int) -> np.ndarray:
+    """The value ``lag`` steps earlier (e.g. the same hour one day or one week before).
+
+    Where ``y[t-lag]`` is unobserved, the latest observed value before it is used.
+
+    Shapes:
+        returns [len(eval_slice), N, C] float32, original units.
+    """
+    if lag < 1:
+        raise BaselineError(f"seasonal: lag must be >= 1 step (got {lag}).")
+    ev = _eval_range(city, eval_slice, "seasonal", lag)
+    if not len(ev):
+        return np.zeros((0, city.num_regions, city.num_channels), np.float32)
+    filled = last_observed(city, ev.stop - lag)
+    return filled[ev.start - lag:].astype(np.float32)
 
 
 def historical_average(city: City, train: slice, eval_slice: slice) -> np.ndarray:

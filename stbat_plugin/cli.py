@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from stbat_plugin import api
 from stbat_plugin.checkpoint import load_checkpoint
-from stbat_plugin.config import METHODS, TransferConfig
+from stbat_plugin.config import TransferConfig
+from stbat_plugin.method_registry import METHODS
 from stbat_plugin.results import atomic_write_text, results_table, write_results
 
 __all__ = ["main", "build_parser"]
@@ -18,6 +21,18 @@ __all__ = ["main", "build_parser"]
 
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _method_list(text: str) -> list[str]:
+    names = _csv(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"--methods needs at least one method (got {text!r}); "
+                                         f"choose from {','.join(METHODS)}")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from "
+                                         f"{','.join(METHODS)}")
+    return names
 
 
 def _days(text: str) -> list[int]:
@@ -43,49 +58,42 @@ def _json_object(text: str) -> dict:
 
 
 #: model settings a checkpoint fixes; ``stbat adapt`` takes them from the checkpoint
-_MODEL_OPTIONS = ("backbone", "backbone_kwargs", "window", "horizon", "scaler")
+_MODEL_OPTIONS = tuple(TransferConfig().model_signature())
+
+
+def _flag_type(f: dataclasses.Field) -> Any:
+    kind = str(f.type)
+    if kind.startswith("dict"):
+        return _json_object
+    for name, typ in (("int", int), ("float", float), ("str", str)):
+        if kind.startswith(name):
+            return typ
+    raise TypeError(f"TransferConfig.{f.name}: no CLI type for {kind}")  # pragma: no cover
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run size and protocol")
-    g.add_argument("--backbone", default="graph_stnet", help="registered backbone name")
-    g.add_argument("--backbone-kwargs", type=_json_object, default={},
-                   help='JSON keyword arguments of the backbone, e.g. \'{"hidden": 64}\'')
-    g.add_argument("--max-epochs", type=int, default=50, help="pre-training epochs (upper bound)")
-    g.add_argument("--finetune-epochs", type=int, default=50, help="target fine-tuning epochs")
-    g.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--max-batches-per-epoch", type=int, default=None)
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    g.add_argument("--source-span", default=None, help="cut source series, e.g. 2019-01-01:2019-06-30")
-    g.add_argument("--target-span", default=None, help="cut the target series")
-    g.add_argument("--window", type=int, default=6)
-    g.add_argument("--horizon", type=int, default=1)
-    g.add_argument("--val-days", type=int, default=60)
-    g.add_argument("--test-days", type=int, default=60)
-    g.add_argument("--scaler", choices=["minmax", "zscore"], default="minmax")
-    g.add_argument("--descriptors", choices=["auto", "poi", "temporal_profile"], default="auto")
-    s = p.add_argument_group("STBaT ablations (paper Fig. 3)")
-    for flag in ("poi", "fdp", "simdcl", "wloss"):
-        s.add_argument(f"--no-{flag}", action="store_true", help=f"STBaT w/o {flag}")
-    s.add_argument("--simdcl-weight", type=float, default=0.01,
-                   help="weight of SimDCL next to the prediction loss")
+    """One flag per :class:`TransferConfig` field, with the field's help; unset flags keep
+    the dataclass default (``argparse.SUPPRESS``), so defaults live in one place only."""
+    g = p.add_argument_group("run settings (TransferConfig fields)")
+    for f in dataclasses.fields(TransferConfig):
+        meta = f.metadata
+        flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{meta['help']} (default: {default!r})"
+        if str(f.type) == "bool":
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+        else:
+            g.add_argument(flag, dest=f.name, type=_flag_type(f), choices=meta.get("choices"),
+                           default=argparse.SUPPRESS, help=help_text)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _config(args: argparse.Namespace) -> TransferConfig:
-    return TransferConfig(
-        backbone=args.backbone, backbone_kwargs=args.backbone_kwargs, max_epochs=args.max_epochs,
-        finetune_epochs=args.finetune_epochs,
-        patience=args.patience, batch_size=args.batch_size, lr=args.lr, finetune_lr=args.lr,
-        max_batches_per_epoch=args.max_batches_per_epoch, device=args.device,
-        source_span=args.source_span, target_span=args.target_span, window=args.window,
-        horizon=args.horizon, val_days=args.val_days, test_days=args.test_days,
-        scaler=args.scaler, descriptors=args.descriptors, use_poi=not args.no_poi,
-        use_fdp=not args.no_fdp, use_simdcl=not args.no_simdcl,
-        use_weighted_loss=not args.no_wloss, simdcl_weight=args.simdcl_weight,
-    )
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TransferConfig:
+    """The given flags over ``base`` (e.g. a checkpoint's settings) over the defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferConfig)
+             if hasattr(args, f.name)}
+    return TransferConfig(**{**(base or {}), **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source", type=_csv, required=True, help="comma-separated source cities")
     t.add_argument("--target", required=True)
     t.add_argument("--train-days", type=_days, default=[3], help="e.g. 3, or 3,0 for both")
-    t.add_argument("--methods", type=_csv, default=["stbat", "finetune", "target-only", "ha"],
-                   help=f"comma-separated, from {','.join(METHODS)}")
+    t.add_argument("--methods", type=_method_list, default=list(api.DEFAULT_METHODS),
+                   help="comma-separated, from: " + "; ".join(
+                       f"{m.name} ({m.summary})" for m in METHODS.values()))
     t.add_argument("--seeds", type=int, default=1)
     t.add_argument("--out", required=True, help="folder for results.json and results.md")
     _add_run_options(t)
@@ -106,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train on source cities and save a checkpoint")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--source", type=_csv, required=True)
-    p.add_argument("--method", choices=["stbat", "finetune", "maml"], default="stbat")
+    p.add_argument("--method", choices=[m.name for m in METHODS.values() if m.pretrains],
+                   default="stbat")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", required=True, help="checkpoint path, e.g. model.ckpt")
     _add_run_options(p)
@@ -118,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train-days", type=int, required=True, help="0 = zero-shot, 3 = few-shot")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="optional folder for metrics.json")
-    _add_run_options(a)
-    # default: the checkpoint's own model settings (given ones are checked against it)
-    a.set_defaults(**{key: None for key in _MODEL_OPTIONS})
+    _add_run_options(a)  # model settings default to the checkpoint's (given ones are checked)
 
     d = sub.add_parser("datasets", help="list the cities of a data folder")
     d.add_argument("--data-dir", required=True)
@@ -165,11 +173,9 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"({pre.seconds:.1f}s); saved {args.save}")
     elif args.command == "adapt":
         saved = load_checkpoint(args.checkpoint)["config"]
-        for key in _MODEL_OPTIONS:
-            if getattr(args, key) is None:
-                setattr(args, key, saved[key])
+        base = {key: saved[key] for key in _MODEL_OPTIONS if key in saved}
         result = api.adapt(args.checkpoint, args.data_dir, args.target, args.train_days,
-                           config=_config(args), seed=args.seed, progress=not args.quiet)
+                           config=_config(args, base), seed=args.seed, progress=not args.quiet)
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:

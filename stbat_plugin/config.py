@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["TransferConfig", "METHODS", "DEEP_METHODS", "PRETRAINED_METHODS"]
+__all__ = ["TransferConfig"]
 
-#: every method the pipeline knows, in the order of the results table
-METHODS = ("stbat", "finetune", "maml", "target-only", "arima", "ha")
-#: methods pre-trained on the source cities (then fine-tuned or applied zero-shot)
-PRETRAINED_METHODS = ("stbat", "finetune", "maml")
-DEEP_METHODS = PRETRAINED_METHODS + ("target-only",)
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         flag: str | None = None) -> Any:
+    """A settings field with its CLI help (the CLI flags are generated from these fields)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -23,39 +26,50 @@ class TransferConfig:
     ST-net widths, D=32, h=0.85, beta=0.01, tau=1).
     """
 
-    backbone: str = "graph_stnet"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    window: int = 6
-    horizon: int = 1
-    val_days: int = 60
-    test_days: int = 60
-    source_train_ratio: int = 2
-    source_val_ratio: int = 1
-    scaler: str = "minmax"
-    batch_size: int = 32
-    lr: float = 1e-3
-    max_epochs: int = 50
-    patience: int = 5
-    finetune_lr: float = 1e-3
-    finetune_epochs: int = 50
-    max_batches_per_epoch: int | None = None
-    source_span: str | None = None
-    target_span: str | None = None
-    descriptors: str = "auto"
-    device: str = "cpu"
+    backbone: str = _opt("graph_stnet", "registered backbone name")
+    backbone_kwargs: dict[str, Any] = _opt(
+        dict, 'JSON keyword arguments of the backbone, e.g. \'{"hidden": 64}\'')
+    window: int = _opt(6, "input steps t of each window")
+    horizon: int = _opt(1, "steps s predicted")
+    normalize: str = _opt("none", "per-window, per-region input normalisation, undone on the "
+                          "output: none, revin (window mean/std), last (residual to the last "
+                          "value) or revin-last (both)",
+                          choices=("none", "revin", "last", "revin-last"))
+    time_features: bool = _opt(False, "add time-of-day and day-of-week sin/cos input channels")
+    val_days: int = _opt(60, "target validation days (before the test days)")
+    test_days: int = _opt(60, "target test days (the last days of the series)")
+    source_train_ratio: int = _opt(2, "source train part of the chronological train:val split")
+    source_val_ratio: int = _opt(1, "source validation part of the train:val split")
+    scaler: str = _opt("minmax", "per-channel scaler, fitted on training data only",
+                       choices=("minmax", "zscore"))
+    batch_size: int = _opt(32, "windows per batch")
+    lr: float = _opt(1e-3, "pre-training learning rate (Adam)")
+    max_epochs: int = _opt(50, "pre-training epochs (upper bound; early stopping on validation)")
+    patience: int = _opt(5, "early-stopping patience (epochs without validation improvement)")
+    finetune_lr: float = _opt(1e-3, "target fine-tuning (and target-only) learning rate")
+    finetune_epochs: int = _opt(50, "target fine-tuning epochs (upper bound)")
+    max_batches_per_epoch: int | None = _opt(None, "cap on pre-training batches per epoch")
+    source_span: str | None = _opt(None, "cut the source series, e.g. 2019-01-01:2019-06-30")
+    target_span: str | None = _opt(None, "cut the target series")
+    descriptors: str = _opt("auto", "region descriptors of RIAM: POI or the temporal-profile "
+                            "fallback", choices=("auto", "poi", "temporal_profile"))
+    device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
     # STBaT
-    embed_dim: int = 32
-    bandwidth: float = 0.85
-    tau: float = 1.0
-    beta: float = 0.01
-    simdcl_weight: float = 0.01  # chosen on target validation, see docs/results.md
-    use_poi: bool = True
-    use_fdp: bool = True
-    use_simdcl: bool = True
-    use_weighted_loss: bool = True
+    embed_dim: int = _opt(32, "STBaT: RIAM embedding size D")
+    bandwidth: float = _opt(0.85, "STBaT: KDE bandwidth h")
+    tau: float = _opt(1.0, "STBaT: SimDCL temperature tau")
+    beta: float = _opt(0.01, "STBaT: weight of the KLD in L_emb")
+    simdcl_weight: float = _opt(0.01, "STBaT: weight of SimDCL next to the prediction loss "
+                                "(chosen on target validation, see docs/results.md)")
+    use_poi: bool = _opt(True, "STBaT: POI classifier of RIAM (--no-poi: w/o POI)", flag="poi")
+    use_fdp: bool = _opt(True, "STBaT: feature-distribution predictor (--no-fdp: w/o FDP)",
+                         flag="fdp")
+    use_simdcl: bool = _opt(True, "STBaT: SimDCL (--no-simdcl: w/o SimDCL)", flag="simdcl")
+    use_weighted_loss: bool = _opt(True, "STBaT: density-weighted loss (--no-wloss: w/o WLoss)",
+                                   flag="wloss")
     # MAML (first-order)
-    maml_inner_lr: float = 1e-2
-    maml_inner_steps: int = 3
+    maml_inner_lr: float = _opt(1e-2, "MAML: inner-loop learning rate")
+    maml_inner_steps: int = _opt(3, "MAML: inner-loop steps")
 
     def __post_init__(self) -> None:
         positive = ("window", "horizon", "val_days", "test_days", "batch_size", "max_epochs",
@@ -65,8 +79,11 @@ class TransferConfig:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2: Eq. 10 needs two samples per batch")
-        if self.scaler not in ("minmax", "zscore"):
-            raise ValueError(f"scaler must be 'minmax' or 'zscore' (got {self.scaler!r})")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)} "
+                                 f"(got {getattr(self, f.name)!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,4 +99,10 @@ class TransferConfig:
     def model_signature(self) -> dict[str, Any]:
         """Settings a checkpoint must agree on to be loaded for adaptation."""
         return {"backbone": self.backbone, "backbone_kwargs": self.backbone_kwargs,
-                "window": self.window, "horizon": self.horizon, "scaler": self.scaler}
+                "window": self.window, "horizon": self.horizon, "scaler": self.scaler,
+                "normalize": self.normalize, "time_features": self.time_features}
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input: the series, plus 4 calendar covariates if enabled."""
+        return 1 + (4 if self.time_features else 0)

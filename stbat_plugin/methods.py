@@ -1,11 +1,14 @@
-"""The methods compared by the pipeline, each a ``step`` + ``validate`` for the one Trainer.
+"""Training of the deep methods, each a ``step`` + ``validate`` for the one Trainer.
 
 - ``stbat``: :class:`BalancedTransfer` pre-trained on the sources (Sec. 4.3), then
   its transferable network is fine-tuned (few-shot) or applied (zero-shot).
 - ``finetune``: the same backbone + predictor pre-trained on the sources with the
   plain loss, then fine-tuned: the strongest simple baseline of the field.
 - ``maml``: first-order MAML (Finn et al., 2017) over source-city batches, then fine-tuned.
+- ``linear``: NLinear (last value + a linear map of the window), trained like ``finetune``.
 - ``target-only``: the same network trained on the target's training days only.
+
+Which method uses which set-up is declared once, in :mod:`stbat_plugin.registry_methods`.
 """
 
 from __future__ import annotations
@@ -16,20 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stbat_plugin import functional as SF
 from stbat_plugin._registry import create_backbone
 from stbat_plugin.adapters import resolve_backbone
 from stbat_plugin.config import TransferConfig
-from stbat_plugin.network import PredictionNetwork
+from stbat_plugin.network import NLinear, PredictionNetwork
 from stbat_plugin.tasks import CityTask, fold_channels, round_robin, unfold_channels
 from stbat_plugin.trainer import FitResult, Trainer
 from stbat_plugin.wrapper import BalancedTransfer
 
 __all__ = [
     "seed_everything", "build_backbone", "build_network", "predict", "validation_error",
-    "pretrain", "finetune", "train_target_only",
+    "pretrain", "finetune", "train_target_only", "build_linear", "stbat_setup", "plain_setup", "linear_setup",
+    "maml_setup",
 ]
 
 
@@ -39,18 +43,23 @@ def seed_everything(seed: int) -> None:
 
 
 def build_backbone(config: TransferConfig, registry: Any = None) -> torch.nn.Module:
-    return create_backbone(config.backbone, registry=registry, in_channels=1,
+    return create_backbone(config.backbone, registry=registry, in_channels=config.input_channels,
                            **config.backbone_kwargs)
 
 
 def build_network(config: TransferConfig, registry: Any = None) -> PredictionNetwork:
     """Backbone + predictor, univariate (channels are folded into the batch)."""
     return PredictionNetwork(resolve_backbone(build_backbone(config, registry)),
-                             horizon=config.horizon, out_channels=1)
+                             horizon=config.horizon, out_channels=1, normalize=config.normalize)
+
+
+def build_linear(config: TransferConfig, registry: Any = None) -> NLinear:
+    """NLinear over the configured window and horizon (the ``linear`` method's network)."""
+    return NLinear(config.window, horizon=config.horizon, out_channels=1)
 
 
 @torch.no_grad()
-def predict(net: PredictionNetwork, task: CityTask, part: str, device: str,
+def predict(net: nn.Module, task: CityTask, part: str, device: str,
             batch_size: int = 64) -> tuple[Tensor, Tensor, Tensor]:
     """Scaled predictions, targets and masks of every window of a part: ``[W, s, n, c]``."""
     net.eval()
@@ -67,7 +76,7 @@ def predict(net: PredictionNetwork, task: CityTask, part: str, device: str,
     return torch.cat(preds), torch.cat(ys), torch.cat(masks)
 
 
-def validation_error(net: PredictionNetwork, tasks: list[CityTask], device: str) -> float:
+def validation_error(net: nn.Module, tasks: list[CityTask], device: str) -> float:
     """Mean over cities of the masked RMSE on the validation windows (scaled units)."""
     errors = []
     for task in tasks:
@@ -83,30 +92,24 @@ def _loaders(tasks: list[CityTask], config: TransferConfig, gen: torch.Generator
 
 def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed: int,
              descriptors: dict[str, np.ndarray] | None = None, registry: Any = None,
-             progress: bool = True, on_improve: Callable[[PredictionNetwork], None] | None = None,
-             ) -> tuple[PredictionNetwork, FitResult]:
-    """Pre-train ``stbat``, ``finetune`` (plain) or ``maml`` on the source cities.
+             progress: bool = True, on_improve: Callable[[nn.Module], None] | None = None,
+             ) -> tuple[nn.Module, FitResult]:
+    """Pre-train a method of the registry (``stbat``, ``finetune``, ``maml``, ``linear``, ...).
 
     ``on_improve(net)`` is called whenever source validation improves (e.g. to
     write the best-so-far checkpoint).
     """
+    from stbat_plugin.method_registry import get_method
+
+    spec = get_method(method)
+    if spec.pretrain is None:
+        raise ValueError(f"Method {method!r} is not pre-trained on source cities")
     seed_everything(seed)
     device = config.device
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tasks = {t.name: t for t in sources}
-    if method == "stbat":
-        model: Any = _build_stbat(sources, config, descriptors, registry).to(device)
-        net = model.transferable()
-        step = _stbat_step(model, tasks, config)
-    elif method == "finetune":
-        model = net = build_network(config, registry).to(device)
-        step = _plain_step(net, tasks, torch.optim.Adam(net.parameters(), lr=config.lr), device)
-    elif method == "maml":
-        model = net = build_network(config, registry).to(device)
-        step = _maml_step(net, tasks, config)
-    else:
-        raise ValueError(f"Unknown pre-training method {method!r}; use stbat, finetune or maml")
+    model, net, step = spec.pretrain(sources, config, descriptors, registry)
+    model.to(device)
     trainer = Trainer(max_epochs=config.max_epochs, patience=config.patience,
                       progress=progress, desc=f"pretrain {method}",
                       on_improve=None if on_improve is None else (lambda _m: on_improve(net)))
@@ -117,6 +120,40 @@ def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed:
         lambda: validation_error(net, sources, device),
     )
     return net, result
+
+
+def stbat_setup(sources: list[CityTask], config: TransferConfig,
+                descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
+    """``(model, transferable net, step)`` of STBaT pre-training (Sec. 4.3)."""
+    model = _build_stbat(sources, config, descriptors, registry).to(config.device)
+    return model, model.transferable(), _stbat_step(model, _by_name(sources), config)
+
+
+def plain_setup(sources: list[CityTask], config: TransferConfig,
+                descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
+    """``(net, net, step)``: backbone + predictor with the plain prediction loss."""
+    net = build_network(config, registry).to(config.device)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    return net, net, _plain_step(net, _by_name(sources), opt, config.device)
+
+
+def linear_setup(sources: list[CityTask], config: TransferConfig,
+                 descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
+    """``(net, net, step)``: NLinear with the plain prediction loss."""
+    net = build_linear(config, registry).to(config.device)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    return net, net, _plain_step(net, _by_name(sources), opt, config.device)
+
+
+def maml_setup(sources: list[CityTask], config: TransferConfig,
+               descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
+    """``(net, net, step)`` of first-order MAML over source-city batches."""
+    net = build_network(config, registry).to(config.device)
+    return net, net, _maml_step(net, _by_name(sources), config)
+
+
+def _by_name(tasks: list[CityTask]) -> dict[str, CityTask]:
+    return {t.name: t for t in tasks}
 
 
 def _build_stbat(sources: list[CityTask], config: TransferConfig,
@@ -133,7 +170,7 @@ def _build_stbat(sources: list[CityTask], config: TransferConfig,
         bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
         simdcl_weight=config.simdcl_weight, use_poi=config.use_poi, use_fdp=config.use_fdp,
         use_simdcl=config.use_simdcl, use_weighted_loss=config.use_weighted_loss,
-        registry=registry,
+        normalize=config.normalize, registry=registry,
     )
 
 
@@ -153,7 +190,7 @@ def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: Tra
     return step
 
 
-def _plain_step(net: PredictionNetwork, tasks: dict[str, CityTask],
+def _plain_step(net: nn.Module, tasks: dict[str, CityTask],
                 optimizer: torch.optim.Optimizer, device: str):
     def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
         name, batch = item
@@ -196,8 +233,8 @@ def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: Trans
     return step
 
 
-def finetune(net: PredictionNetwork, target: CityTask, config: TransferConfig, seed: int,
-             progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
+def finetune(net: nn.Module, target: CityTask, config: TransferConfig, seed: int,
+             progress: bool = True) -> tuple[nn.Module, FitResult]:
     """Fine-tune a copy of ``net`` on the target's training days; select on target validation."""
     seed_everything(seed)
     net = copy.deepcopy(net).to(config.device)

@@ -90,3 +90,23 @@ def per_channel_metrics(
     out["mean"] = {key: float(np.mean([out[c][key] for c in channels]))
                    for key in ("rmse", "mae")}
     return out
+
+
+def per_region_errors(pred: Any, target: Any, mask: Any) -> dict[str, list[float | None]]:
+    """RMSE, MAE and cell count of every region over all leading axes, in one channel.
+
+    Regions with no selected cell get ``None`` (JSON has no NaN).
+
+    Shapes:
+        pred, target, mask: ``[..., n]`` -> lists of length ``n``.
+    """
+    p, t = _numpy(pred), _numpy(target)
+    m = _broadcast_mask(mask, p.shape)
+    err = np.where(m, p - t, 0.0).reshape(-1, p.shape[-1])
+    count = m.reshape(-1, p.shape[-1]).sum(axis=0)
+    safe = np.maximum(count, 1)
+    rmse_n = np.sqrt((err**2).sum(axis=0) / safe)
+    mae_n = np.abs(err).sum(axis=0) / safe
+    return {"rmse": [float(v) if c else None for v, c in zip(rmse_n, count, strict=True)],
+            "mae": [float(v) if c else None for v, c in zip(mae_n, count, strict=True)],
+            "count": [int(c) for c in count]}

@@ -15,7 +15,36 @@ from torch import Tensor, nn
 
 from stbat_plugin.adapters import regions_to_grid
 
-__all__ = ["FeedForward", "PredictionNetwork"]
+__all__ = ["FeedForward", "PredictionNetwork", "NLinear", "NORMALIZATIONS", "window_norm"]
+
+#: per-window, per-region input normalisations (see :func:`window_norm`)
+NORMALIZATIONS = ("none", "revin", "last", "revin-last")
+#: variance floor of ``revin``, in scaled units (a flat window is divided by ``sqrt(EPS)``)
+EPS = 1e-5
+
+
+def window_norm(x: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    r"""Offset and scale of each input window, per region and channel.
+
+    - ``"none"``: offset 0, scale 1.
+    - ``"revin"``: the window mean and standard deviation (RevIN, Kim et al., ICLR 2022,
+      without its affine part): :math:`\hat x = (x - \bar x) / \sqrt{\mathrm{Var}(x) + \epsilon}`.
+    - ``"last"``: the last value, scale 1: the network predicts the change from it
+      (a residual-to-last-value head, as NLinear).
+    - ``"revin-last"``: the last value and the window standard deviation: the change from
+      the last value, in units of the window's spread.
+
+    Shapes:
+        x: ``[b, t, n, c]`` -> offset, scale ``[b, 1, n, c]``.
+    """
+    if mode == "none":
+        return torch.zeros_like(x[:, -1:]), torch.ones_like(x[:, -1:])
+    if mode == "last":
+        return x[:, -1:], torch.ones_like(x[:, -1:])
+    if mode in ("revin", "revin-last"):
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, unbiased=False)
+        return (mean if mode == "revin" else x[:, -1:]), (var + EPS).sqrt()
+    raise ValueError(f"Expected 'normalize' in {list(NORMALIZATIONS)} (got {mode!r})")
 
 
 class FeedForward(nn.Sequential):
@@ -34,6 +63,11 @@ class PredictionNetwork(nn.Module):
         horizon: steps predicted ``s`` (default: ``1``).
         out_channels: channels predicted ``c`` (default: ``1``).
         hidden: width of the predictor's hidden layer (default: ``256``, as the paper).
+        normalize: per-window input normalisation of the ``out_channels`` forecast
+            channels, undone on the output (:func:`window_norm`; default: ``"none"``).
+            Further input channels (e.g. time-of-day covariates) pass unchanged. With
+            ``"last"`` and ``"revin-last"`` the head's last layer starts at zero, so the
+            untrained network repeats the last value.
 
     Shapes:
         x: ``[b, t, n, c]`` (grid backbones also take ``[b, t, c, h, w]``) ->
@@ -41,17 +75,39 @@ class PredictionNetwork(nn.Module):
     """
 
     def __init__(self, extractor: nn.Module, *, horizon: int = 1, out_channels: int = 1,
-                 hidden: int = 256):
+                 hidden: int = 256, normalize: str = "none"):
         super().__init__()
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"Expected 'normalize' in {list(NORMALIZATIONS)} (got {normalize!r})")
+        self.normalize = normalize
         self.extractor: Any = extractor
         self.feature_dim = int(getattr(extractor, "feature_dim"))  # noqa: B009
         self.layout = getattr(extractor, "layout", "graph")
         self.horizon = int(horizon)
         self.out_channels = int(out_channels)
         self.head = FeedForward(self.feature_dim, hidden, self.horizon * self.out_channels)
+        if normalize in ("last", "revin-last"):  # start as persistence
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
-        """Per-region features ``z`` ``[b, n, d]`` (Eq. 8), with shape checks."""
+        """Per-region features ``z`` ``[b, n, d]`` (Eq. 8) of the normalised input, with shape checks."""
+        return self.forward_with_features(x, **graph)[1]
+
+    def forward_with_features(self, x: Tensor, **graph: Any) -> tuple[Tensor, Tensor]:
+        """Prediction ``[b, s, n, c]`` (in the input's units) and features ``[b, n, d]``."""
+        # x: [b, t, n, c_in]
+        if x.dim() == 4 and self.normalize != "none":
+            c = self.out_channels
+            offset, scale = window_norm(x[..., :c], self.normalize)
+            x = torch.cat([(x[..., :c] - offset) / scale, x[..., c:]], dim=-1)
+            z = self._features(x, graph)
+            return self.forward_head(z) * scale + offset, z
+        z = self._features(x, graph)
+        return self.forward_head(z), z
+
+    def _features(self, x: Tensor, graph: dict[str, Any]) -> Tensor:
+        graph = dict(graph)
         x, n = self._to_backbone_layout(x, graph)
         z = self.extractor.forward_features(x, **graph)
         expected = (x.shape[0], n, self.feature_dim)
@@ -66,12 +122,12 @@ class PredictionNetwork(nn.Module):
         return z
 
     def forward_head(self, z: Tensor) -> Tensor:
-        """``[b, n, d] -> [b, s, n, c]`` (Eq. 9), applied to each region."""
+        """``[b, n, d] -> [b, s, n, c]`` (Eq. 9), applied to each region (normalised units)."""
         out = self.head(z)  # [b, n, s*c]
         return einops.rearrange(out, "b n (s c) -> b s n c", s=self.horizon, c=self.out_channels)
 
     def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_head(self.forward_features(x, **graph))
+        return self.forward_with_features(x, **graph)[0]
 
     def _to_backbone_layout(self, x: Tensor, graph: dict[str, Any]) -> tuple[Tensor, int]:
         if self.layout == "grid":
@@ -96,3 +152,37 @@ def _check_x(x: Tensor) -> Tensor:
     if not torch.is_floating_point(x):
         raise ValueError(f"Expected floating point 'x' (got {x.dtype}); scale the flow first")
     return x
+
+
+class NLinear(nn.Module):
+    r"""NLinear (Zeng et al., AAAI 2023): the last value plus a linear map of the window.
+
+    :math:`\hat y = x_{t} + W (x - x_{t})`, one map :math:`W \in \mathbb{R}^{s \times t}`
+    shared by every region and channel, starting at zero (= persistence). Only the first
+    ``out_channels`` input channels are used (covariates are ignored); graph keyword
+    arguments are accepted and ignored, so it runs wherever the deep networks run.
+
+    Args:
+        window: input steps ``t``. horizon: steps ``s`` (default: ``1``).
+        out_channels: forecast channels ``c`` (default: ``1``).
+
+    Shapes:
+        x: ``[b, t, n, c_in]`` -> ``[b, s, n, c]``.
+    """
+
+    def __init__(self, window: int, *, horizon: int = 1, out_channels: int = 1):
+        super().__init__()
+        self.window, self.horizon, self.out_channels = int(window), int(horizon), int(out_channels)
+        self.linear = nn.Linear(self.window, self.horizon)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor, **graph: Any) -> Tensor:
+        # x: [b, t, n, c_in]
+        x = _check_x(x)
+        if x.shape[1] != self.window:
+            raise ValueError(f"Expected 'x' with t = {self.window} steps (got {list(x.shape)})")
+        v = x[..., : self.out_channels]
+        last = v[:, -1:]
+        out = self.linear(einops.rearrange(v - last, "b t n c -> b n c t"))
+        return einops.rearrange(out, "b n c s -> b s n c") + last

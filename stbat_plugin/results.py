@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stbat_plugin.config import METHODS
+from stbat_plugin.method_registry import method_names
 
 __all__ = ["write_results", "results_table", "channel_table", "atomic_write_text"]
 
@@ -38,8 +38,8 @@ def _fmt(values: list[float]) -> str:
 
 
 def _order(label: str) -> tuple[int, str]:
-    base = label.split(" ")[0]
-    return (METHODS.index(base) if base in METHODS else len(METHODS), label)
+    base, names = label.split(" ")[0], method_names()
+    return (names.index(base) if base in names else len(names), label)
 
 
 def results_table(rows: list[dict[str, Any]], channel: str = "mean") -> str:

@@ -31,6 +31,7 @@ from stbat_plugin.data import (
     target_split,
     valid_region_mask,
 )
+from stbat_plugin.data.covariates import time_features
 
 __all__ = ["CityTask", "source_task", "target_task", "fold_channels", "unfold_channels"]
 
@@ -51,6 +52,7 @@ class CityTask:
     scaled: np.ndarray
     window: int
     horizon: int
+    covariates: np.ndarray | None = None  # [T, k] per-step covariates (time of day, ...)
     _context_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -64,7 +66,8 @@ class CityTask:
             raise ValueError(f"City {self.name!r} ({self.role}) has no {part} slice")
         context = "inside" if part == "train" else "history"
         return WindowDataset(self.scaled, self.city.observed, self.region_mask, sl.start,
-                             sl.stop, window=self.window, horizon=self.horizon, context=context)
+                             sl.stop, window=self.window, horizon=self.horizon, context=context,
+                             covariates=self.covariates)
 
     def loader(self, part: str, batch_size: int, *, shuffle: bool,
                generator: torch.Generator | None = None) -> DataLoader:
@@ -114,7 +117,7 @@ def source_task(city: City, config: TransferConfig) -> CityTask:
     scaler, scaled = _scale(city, split.train, config)
     mask = valid_region_mask(city, split.train)
     return CityTask(city, "source", split, scaler, "train", mask, build_graph(city), scaled,
-                    config.window, config.horizon)
+                    config.window, config.horizon, _covariates(city, config))
 
 
 def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask:
@@ -136,7 +139,11 @@ def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask
             f"{config.window}+{config.horizon} steps; use more --train-days or a smaller --window"
         )
     return CityTask(city, "target", split, scaler, fit_on, mask, build_graph(city), scaled,
-                    config.window, config.horizon)
+                    config.window, config.horizon, _covariates(city, config))
+
+
+def _covariates(city: City, config: TransferConfig) -> np.ndarray | None:
+    return time_features(city.timestamps) if config.time_features else None
 
 
 def _windows(sl: slice, config: TransferConfig) -> range:
@@ -144,8 +151,16 @@ def _windows(sl: slice, config: TransferConfig) -> range:
 
 
 def fold_channels(batch: dict[str, Tensor], device: torch.device | str) -> tuple[Tensor, ...]:
-    """``x [b, t, n, c]`` -> ``[(b c), t, n, 1]`` (and y, mask): channels as separate samples."""
+    """``x [b, t, n, c]`` -> ``[(b c), t, n, 1]`` (and y, mask): channels as separate samples.
+
+    Covariates ``cov [b, t, k]``, when the batch has them, are appended to every region's
+    input: ``x`` becomes ``[(b c), t, n, 1 + k]`` (the series first).
+    """
     x = einops.rearrange(batch["x"], "b t n c -> (b c) t n 1").to(device)
+    if "cov" in batch:
+        b, t, n, c = batch["x"].shape
+        cov = einops.repeat(batch["cov"], "b t k -> (b c) t n k", c=c, n=n).to(device)
+        x = torch.cat([x, cov], dim=-1)
     y = einops.rearrange(batch["y"], "b s n c -> (b c) s n 1").to(device)
     m = einops.rearrange(batch["mask"], "b s n c -> (b c) s n 1").to(device)
     return x, y, m

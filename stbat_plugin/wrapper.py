@@ -87,6 +87,9 @@ class BalancedTransfer(nn.Module):
             built nor computed.
         loss: elementwise prediction loss, ``"mse"``, ``"mae"`` or ``"huber"`` (default: ``"mse"``).
         predictor_hidden, projector_dim: widths (default: ``256`` each, as the paper).
+        normalize: per-window input normalisation of the transferable network,
+            ``"none"``, ``"revin"`` or ``"last"`` (default: ``"none"``; see
+            :func:`stbat_plugin.network.window_norm`).
         min_sigma: floor of both sigmas in the KLD, in feature units (default: ``1e-2``).
         registry: backbone registry whose adapter hooks may claim ``backbone``
             (default: the installed plugins).
@@ -119,13 +122,14 @@ class BalancedTransfer(nn.Module):
         predictor_hidden: int = 256,
         projector_dim: int = 256,
         min_sigma: float = 1e-2,
+        normalize: str = "none",
         registry: Any = None,
     ):
         super().__init__()
         extractor = resolve_backbone(backbone, tap=tap, feature_dim=feature_dim,
                                      tap_rearrange=tap_rearrange, registry=registry)
         self.net = PredictionNetwork(extractor, horizon=horizon, out_channels=out_channels,
-                                     hidden=predictor_hidden)
+                                     hidden=predictor_hidden, normalize=normalize)
         d = self.net.feature_dim
         self.bandwidth, self.tau, self.beta = float(bandwidth), float(tau), float(beta)
         self.simdcl_weight, self.loss = float(simdcl_weight), loss
@@ -259,8 +263,7 @@ class BalancedTransfer(nn.Module):
     def stblm_loss(self, x: Tensor, y: Tensor, *, state: _City | None = None,
                    mask: Tensor | None = None, **graph: Any):
         """Step 1's loss; returns ``(loss, parts, (mu, sigma) detached or None)``."""
-        z = self.net.forward_features(x, **graph)
-        pred = self.net.forward_head(z)
+        pred, z = self.net.forward_with_features(x, **graph)
         weights = self._region_weights(state) if state is not None and self.use_weighted_loss \
             else None
         parts: dict[str, Tensor] = {}

@@ -20,7 +20,7 @@ from _cli_helpers import run_cli
 from _data_synth import TINY, city_arrays, hourly_stamps
 
 from stbat_plugin import classical
-from stbat_plugin.config import METHODS
+from stbat_plugin.method_registry import METHODS
 
 SMALL_NET = '{"channels": 8, "hidden": 16}'
 TINY_RUN = ["--val-days", "3", "--test-days", "4", "--max-epochs", "1", "--finetune-epochs", "1",
@@ -28,8 +28,8 @@ TINY_RUN = ["--val-days", "3", "--test-days", "4", "--max-epochs", "1", "--finet
 SHORT_SOURCES = ["--source-span", "2019-03-25:2019-03-31"]  # last week of the NYC files
 ROW_KEYS = {"method", "sources", "target", "train_days", "channel", "seed", "rmse", "mae",
             "backbone", "descriptors", "config", "scaler_fit_on"}
-ZERO_SHOT_METHODS = {"stbat", "finetune", "maml"}
-ALL_METHODS = ["stbat", "finetune", "target-only", "ha", "arima", "maml"]
+ZERO_SHOT_METHODS = {"stbat", "finetune", "maml", "linear", "persistence", "seasonal"}
+ALL_METHODS = ["stbat", "finetune", "target-only", "ha", "arima", "maml", "linear", "persistence", "seasonal"]
 
 
 def synth_city(directory: Path, name: str = "synth_town", num_regions: int = 5,

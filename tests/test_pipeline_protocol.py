@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stbat_plugin import api
+from stbat_plugin import api, method_registry
 from stbat_plugin import methods as methods_module
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import SplitError, load_city
@@ -118,7 +118,7 @@ def test_zero_shot_uses_no_target_flow_for_training(tmp_path, monkeypatch):
         calls.append(len(steps(target.split.train)))
         return real_finetune(net, target, config, seed, progress=progress)
 
-    monkeypatch.setattr(api, "finetune", spy)
+    monkeypatch.setattr(method_registry, "finetune", spy)
     monkeypatch.setattr(methods_module, "finetune", spy)
     cfg = tiny_config(source_span="2019-03-25:2019-03-31", max_batches_per_epoch=1)
     copy_city(tmp_path / "a", "nyc_bike")
@@ -153,16 +153,22 @@ def test_zero_shot_only_transfer_never_calls_finetune(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("finetune called in a zero-shot run")
 
-    monkeypatch.setattr(api, "finetune", forbidden)
+    monkeypatch.setattr(method_registry, "finetune", forbidden)
     monkeypatch.setattr(methods_module, "finetune", forbidden)
-    monkeypatch.setattr(api, "train_target_only", forbidden)
+    monkeypatch.setattr(method_registry, "train_target_only", forbidden)
     cfg = tiny_config(source_span="2019-03-25:2019-03-31", max_batches_per_epoch=1)
     rows = api.transfer(TINY, ["nyc_bike"], "melbourne_pedestrian", train_days=[0],
-                        methods=["stbat", "finetune", "target-only", "ha"], config=cfg,
+                        methods=["stbat", "finetune", "persistence", "seasonal"], config=cfg,
                         progress=False)
-    # methods that need target training data are skipped, not faked
-    assert {r["method"] for r in rows} == {"stbat", "finetune"}
+    assert {r["method"] for r in rows} == {"stbat", "finetune", "persistence", "seasonal"}
     assert {r["train_days"] for r in rows} == {0}
+
+
+def test_a_method_that_needs_training_days_is_refused_in_a_zero_shot_only_run():
+    """Nothing would run for it: an error before any training, not an empty result."""
+    with pytest.raises(ValueError, match="needs target training days"):
+        api.transfer(TINY, ["nyc_bike"], "melbourne_pedestrian", train_days=[0],
+                     methods=["stbat", "ha"], config=tiny_config(), progress=False)
 
 
 # --------------------------------------------------------------------------- scalers
@@ -223,7 +229,8 @@ def test_temporal_profile_descriptors_of_a_source_see_only_its_training_slice(tm
     """nyc_bike_grid2014 has no POI: its descriptors come from its training flow only."""
     cfg = tiny_config(descriptors="temporal_profile")
     name = "nyc_bike_grid2014"
-    _, base, kind = api.prepare_sources(TINY, [name], cfg)
+    src = api.prepare_sources(TINY, [name], cfg)
+    base, kind = src.descriptors, src.kind
     assert kind == "temporal_profile"
     assert base[name].shape == (128, 31)
     n_train = source_task(load_city(TINY, name), cfg).split.train.stop
@@ -235,18 +242,18 @@ def test_temporal_profile_descriptors_of_a_source_see_only_its_training_slice(tm
         arrays["flow"][n_train:] = rng.integers(0, 500, arrays["flow"][n_train:].shape)
 
     copy_city(tmp_path / "after", name, scramble_after)
-    _, after, _ = api.prepare_sources(tmp_path / "after", [name], cfg)
+    after = api.prepare_sources(tmp_path / "after", [name], cfg).descriptors
     np.testing.assert_array_equal(after[name], base[name])
 
     def scramble_inside(arrays):
         arrays["flow"][n_train - 48:n_train] = rng.integers(0, 500, (48, 128, 2))
 
     copy_city(tmp_path / "inside", name, scramble_inside)
-    _, inside, _ = api.prepare_sources(tmp_path / "inside", [name], cfg)
+    inside = api.prepare_sources(tmp_path / "inside", [name], cfg).descriptors
     assert not np.allclose(inside[name], base[name])  # control
 
     # "auto" falls back to temporal profiles too (no POI in the grid city)
-    _, _, auto_kind = api.prepare_sources(TINY, [name, "nyc_bike"], tiny_config())
+    auto_kind = api.prepare_sources(TINY, [name, "nyc_bike"], tiny_config()).kind
     assert auto_kind == "temporal_profile"
 
 

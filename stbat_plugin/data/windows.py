@@ -52,22 +52,31 @@ class WindowDataset(Dataset):
         start, stop: target range on the time axis.
         window: input length; horizon: target length.
         context: ``"inside"`` (inputs within the range) or ``"history"`` (inputs may precede).
+        covariates: optional ``[T, k]`` per-step covariates (e.g. time of day), returned
+            for the input steps as ``"cov"``.
 
     Shapes:
         x: [window, N, C] float32; y: [horizon, N, C] float32;
         mask: [horizon, N, C] bool = observed at the target & region_mask; t_index: int
-        (absolute index of the first target step).
+        (absolute index of the first target step); cov: [window, k] float32.
     """
 
     def __init__(
         self, flow: np.ndarray | torch.Tensor, observed: np.ndarray | torch.Tensor,
         region_mask: np.ndarray | torch.Tensor, start: int, stop: int, window: int = 6,
         horizon: int = 1, context: str = "inside",
+        covariates: np.ndarray | torch.Tensor | None = None,
     ) -> None:
         self.flow = torch.as_tensor(flow, dtype=torch.float32)
         self.observed = torch.as_tensor(observed, dtype=torch.bool)
         self.region_mask = torch.as_tensor(region_mask, dtype=torch.bool)
         _check_shapes(self.flow, self.observed, self.region_mask)
+        self.covariates = None if covariates is None else torch.as_tensor(covariates,
+                                                                          dtype=torch.float32)
+        if self.covariates is not None and (self.covariates.ndim != 2
+                                            or self.covariates.shape[0] != self.flow.shape[0]):
+            raise WindowError(f"covariates must be [T, k] with T = {self.flow.shape[0]}, got "
+                              f"{tuple(self.covariates.shape)}.")
         count = window_count(self.flow.shape[0], start, stop, window, horizon, context)
         self.window, self.horizon, self.context = window, horizon, context
         self.start, self.stop = start, stop
@@ -81,12 +90,15 @@ class WindowDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} windows.")
         t = int(self.t_indices[i])
         y_obs = self.observed[t : t + self.horizon] & self.region_mask
-        return {
+        sample = {
             "x": self.flow[t - self.window : t],
             "y": self.flow[t : t + self.horizon],
             "mask": y_obs.unsqueeze(-1).expand(-1, -1, self.flow.shape[2]).contiguous(),
             "t_index": t,
         }
+        if self.covariates is not None:
+            sample["cov"] = self.covariates[t - self.window : t]
+        return sample
 
 
 def _check_shapes(flow: torch.Tensor, observed: torch.Tensor, region_mask: torch.Tensor) -> None:
