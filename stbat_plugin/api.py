@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,11 +209,15 @@ def _check_methods(methods: list[str], days: list[int], config: TransferConfig) 
 def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityTask],
                config: TransferConfig, *, progress: bool = True, histories: dict | None = None,
                registry: Any = None, pretrained: nn.Module | None = None,
+               on_pretrained: Callable[[nn.Module], None] | None = None,
+               on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
                ) -> list[dict[str, Any]]:
     """Rows of one method and seed on every target setting (pre-training once, if any).
 
     ``pretrained`` skips pre-training with a network already trained for this
-    (method, config, seed), e.g. from a cache.
+    (method, config, seed), e.g. from a cache; ``on_pretrained(net)`` is called right
+    after pre-training (e.g. to cache it) and ``on_rows(rows)`` with the rows of each
+    target setting as soon as they exist.
     """
     spec = get_method(method)
     label = method_label(method, config)
@@ -226,17 +231,22 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
         if histories is not None:
             histories[(label, seed)] = fit.history
         log.info("%s seed %d: pre-trained in %.1fs", label, seed, pre_seconds)
+        if on_pretrained is not None:
+            on_pretrained(net)
     for days, task in targets.items():
         if days == 0 and not spec.zero_shot:
             continue  # needs target training data: no zero-shot version exists
         start = time.perf_counter()
         forecast = spec.adapt(net, task, config, seed, registry, progress)
         seconds = time.perf_counter() - start
-        for channel, vals in evaluate_forecast(forecast, list(task.city.channels)).items():
-            rows.append({"method": label, "train_days": days, "channel": channel, "seed": seed,
-                         "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
-                         "pretrain_seconds": pre_seconds, "scaler_fit_on": task.scaler_fit_on,
-                         "info": forecast.info, "regions": vals["regions"]})
+        new = [{"method": label, "train_days": days, "channel": channel, "seed": seed,
+                "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
+                "pretrain_seconds": pre_seconds, "scaler_fit_on": task.scaler_fit_on,
+                "info": forecast.info, "regions": vals["regions"]}
+               for channel, vals in evaluate_forecast(forecast, list(task.city.channels)).items()]
+        if on_rows is not None:
+            on_rows(new)
+        rows += new
     return rows
 
 
