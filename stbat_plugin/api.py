@@ -222,12 +222,12 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
     spec = get_method(method)
     label = method_label(method, config)
     rows: list[dict[str, Any]] = []
-    net, pre_seconds = pretrained, 0.0
+    net, pre_seconds, model = pretrained, 0.0, None
     if spec.pretrains and net is None:
         start = time.perf_counter()
         net, fit = _pretrain(method, src.tasks, config, seed, src.descriptors,
                              registry=registry, progress=progress)
-        pre_seconds = time.perf_counter() - start
+        pre_seconds, model = time.perf_counter() - start, fit.model
         if histories is not None:
             histories[(label, seed)] = fit.history
         log.info("%s seed %d: pre-trained in %.1fs", label, seed, pre_seconds)
@@ -237,7 +237,9 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
         if days == 0 and not spec.zero_shot:
             continue  # needs target training data: no zero-shot version exists
         start = time.perf_counter()
+        extra = spec.target_info(model, task, src.kind) if spec.target_info and model is not None else {}
         forecast = spec.adapt(net, task, config, seed, registry, progress)
+        forecast.info.update(extra, region_volume=region_volume(task))
         seconds = time.perf_counter() - start
         new = [{"method": label, "train_days": days, "channel": channel, "seed": seed,
                 "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
@@ -248,6 +250,18 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
             on_rows(new)
         rows += new
     return rows
+
+
+def region_volume(task: CityTask) -> list[float | None]:
+    """Mean observed flow of each region (channels summed) over the target's scaler-fit slice
+    (training days; validation days in zero-shot); ``None`` where nothing was observed."""
+    split = task.split
+    sl = split.train if split.train.stop > split.train.start else split.val
+    flow = task.city.flow[sl].sum(-1, dtype=np.float64)
+    obs = task.city.observed[sl]
+    count = obs.sum(0)
+    mean = np.where(obs, flow, 0.0).sum(0) / np.maximum(count, 1)
+    return [float(m) if c else None for m, c in zip(mean, count, strict=True)]
 
 
 def evaluate_forecast(fc: Any, channels: list[str]) -> dict[str, dict[str, Any]]:

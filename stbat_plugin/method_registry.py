@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from stbat_plugin import classical
+from stbat_plugin import functional as SF
 from stbat_plugin.config import TransferConfig
+from stbat_plugin.data.descriptors import region_descriptors
 from stbat_plugin.data.splits import steps_per_day
 from stbat_plugin.methods import (
     build_linear,
@@ -30,6 +32,7 @@ from stbat_plugin.methods import (
     stbat_setup,
     train_target_only,
 )
+from stbat_plugin.riam import normalize_descriptors
 from stbat_plugin.tasks import CityTask
 
 __all__ = ["Forecast", "Method", "METHODS", "register_method", "get_method", "method_names"]
@@ -67,6 +70,8 @@ class Method:
         horizon_one: only forecasts one step ahead.
         network: ``(config, registry) -> net``, the transferable network a checkpoint of
             this method holds (default: backbone + predictor).
+        target_info: ``(pre-trained model, target task, descriptor kind) -> dict`` added to
+            the rows' ``info`` (e.g. RIAM's density of the target regions); None for none.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Method:
     zero_shot: bool = False
     horizon_one: bool = False
     network: Callable[[TransferConfig, Any], nn.Module] = build_network
+    target_info: Callable[[nn.Module, CityTask, str], dict[str, Any]] | None = None
 
     @property
     def pretrains(self) -> bool:
@@ -111,6 +117,10 @@ def method_names() -> list[str]:
 # ----------------------------------------------------------------------------- deep
 def _deep_forecast(net: nn.Module, task: CityTask, config: TransferConfig,
                    info: dict[str, Any]) -> Forecast:
+    """Test forecast, plus the target-validation RMSE (original units) used for selection."""
+    pred, y, mask = predict(net, task, "val", config.device)
+    val_err = (task.to_original(pred) - task.to_original(y))[mask]
+    info = {**info, "val_rmse": float(val_err.pow(2).mean().sqrt())}
     pred, y, mask = predict(net, task, "test", config.device)
     return Forecast(task.to_original(pred), task.to_original(y), mask, info)
 
@@ -131,6 +141,32 @@ def _adapt_target_only(net: nn.Module | None, task: CityTask, config: TransferCo
                        registry: Any, progress: bool) -> Forecast:
     net, fit = train_target_only(task, config, seed, registry=registry, progress=progress)
     return _deep_forecast(net, task, config, {"best_epoch": fit.best_epoch})
+
+
+def riam_target_density(model: nn.Module, task: CityTask, kind: str) -> dict[str, Any]:
+    """RIAM's log-density (Eq. 6) of each valid target region, from the target's descriptors.
+
+    The descriptors are of the sources' kind: POI, or temporal profiles of the target's
+    scaler-fit slice (its training days; validation days in zero-shot). Regions outside the
+    valid mask get ``None``; a target without the sources' POI gets no entry.
+    """
+    riam = getattr(model, "riam", None)
+    city = task.city
+    if riam is None or (kind == "poi" and city.poi is None):
+        return {}
+    sl = task.split.train if task.split.train.stop > task.split.train.start else task.split.val
+    (desc,), _ = region_descriptors([city], [sl], kind=kind)
+    valid = task.region_mask
+    if valid.sum() < 2 or desc.values.shape[1] != riam.encoder[0].in_features:
+        return {}
+    with torch.no_grad():
+        device = next(riam.parameters()).device
+        phi = riam(normalize_descriptors(torch.as_tensor(desc.values[valid])).to(device))
+        log_density = SF.kde_log_density(phi, model.bandwidth).cpu().numpy()
+    out: list[float | None] = [None] * city.num_regions
+    for i, v in zip(np.flatnonzero(valid), log_density, strict=True):
+        out[int(i)] = float(v)
+    return {"region_log_density": out}
 
 
 # ----------------------------------------------------------------------------- classical
@@ -198,7 +234,7 @@ def _arima(net, task, config, seed, registry, progress) -> Forecast:
 # ----------------------------------------------------------------------------- the entries
 for _method in (
     Method("stbat", "STBaT (RIAM + STBLM) pre-training, then fine-tuning", _adapt_pretrained,
-           pretrain=stbat_setup, zero_shot=True),
+           pretrain=stbat_setup, zero_shot=True, target_info=riam_target_density),
     Method("finetune", "plain pre-training on the sources, then fine-tuning", _adapt_pretrained,
            pretrain=plain_setup, zero_shot=True),
     Method("maml", "first-order MAML pre-training, then fine-tuning", _adapt_pretrained,

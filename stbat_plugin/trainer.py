@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    """What a fit did: best validation error, its epoch, and per-epoch history."""
+    """What a fit did: best validation error, its epoch, per-epoch history, and the model."""
 
     best_val: float
     best_epoch: int
     epochs_run: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    model: Any = None  # the whole trained model (e.g. BalancedTransfer with its RIAM)
 
 
 class Trainer:
@@ -83,7 +84,7 @@ class Trainer:
             elif epoch - best_epoch >= self.patience:
                 break
         model.load_state_dict(best_state)
-        return FitResult(best, best_epoch, epoch, time.perf_counter() - start, history)
+        return FitResult(best, best_epoch, epoch, time.perf_counter() - start, history, model)
 
     def _epoch(self, model: nn.Module, batches: Callable[[], Iterable[Any]],
                step: Callable[[Any], dict[str, float]], epoch: int) -> dict[str, float]:
