@@ -1,0 +1,202 @@
+"""``OUT/report.md`` of an experiment: per task and variant, methods x train-days tables,
+a paired ``stbat`` vs ``finetune`` comparison (with a Wilcoxon signed-rank test over
+per-region errors) and what is not complete yet.
+
+SciPy is imported only when a test is computed, never by ``import stbat_plugin``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stbat_plugin.experiment import RESULTS_FILE, SPEC_FILE, load_spec, plan, read_results
+from stbat_plugin.results import _fmt, _order, atomic_write_text
+
+__all__ = ["PairedComparison", "paired_comparisons", "report", "write_report", "REPORT_FILE"]
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+
+#: (method label, train days) -> seeds, per (task, variant)
+Expected = dict[tuple[str, str], dict[tuple[str, int], set[int]]]
+
+
+@dataclass
+class PairedComparison:
+    """``stbat`` vs ``finetune`` on one task, variant and train-days setting.
+
+    ``pairs`` are (seed, channel) pairs of RMSE (channel ``mean`` excluded): ``mean_diff``
+    is the mean of stbat - finetune (negative: stbat better), ``wins`` counts pairs where
+    stbat is lower. The Wilcoxon test runs over (seed, channel, region) pairs of
+    per-region RMSE (``region_pairs``; regions unscored by either side dropped);
+    ``pvalue`` is None when it cannot run, with the ``reason``.
+    """
+
+    task: str
+    variant: str
+    train_days: int
+    stbat: str
+    pairs: int
+    mean_diff: float
+    wins: int
+    losses: int
+    ties: int
+    region_pairs: int
+    pvalue: float | None
+    reason: str = ""
+
+
+def _base(label: str) -> str:
+    return label.split(" ")[0]
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows by (task, variant), in order of first appearance."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("task", "?"), r.get("variant", "default")), []).append(r)
+    return groups
+
+
+def _region_pairs(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[float, float]]:
+    """(stbat, finetune) per-region RMSE of two rows, regions unscored by either dropped."""
+    ra, rb = (r.get("regions", {}).get("rmse") or [] for r in (a, b))
+    if len(ra) != len(rb):
+        raise ValueError(f"rows of task {a.get('task')!r} seed {a.get('seed')} channel "
+                         f"{a.get('channel')!r} have {len(ra)} vs {len(rb)} regions; the results "
+                         "file mixes different targets: rerun into a fresh --out")
+    return [(x, y) for x, y in zip(ra, rb, strict=True) if x is not None and y is not None]
+
+
+def _compare(group: list[dict[str, Any]], days: int, stbat: str) -> PairedComparison | None:
+    """The paired comparison of one setting, or None when finetune has no such rows."""
+    def by_key(label: str) -> dict[tuple[int, str], dict[str, Any]]:
+        return {(r["seed"], r["channel"]): r for r in group
+                if r["method"] == label and r["train_days"] == days and r["channel"] != "mean"}
+
+    a, b = by_key(stbat), by_key("finetune")
+    if not b:
+        return None
+    keys = sorted(a.keys() & b.keys())
+    diffs = [a[k]["rmse"] - b[k]["rmse"] for k in keys]
+    regions = [p for k in keys for p in _region_pairs(a[k], b[k])]
+    pvalue, reason = _wilcoxon(regions)
+    first = group[0]
+    return PairedComparison(
+        first.get("task", "?"), first.get("variant", "default"), days, stbat, len(keys),
+        sum(diffs) / len(diffs) if diffs else float("nan"), sum(d < 0 for d in diffs),
+        sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), len(regions), pvalue, reason)
+
+
+def _wilcoxon(pairs: list[tuple[float, float]]) -> tuple[float | None, str]:
+    """Two-sided Wilcoxon signed-rank p-value of paired values (SciPy's), or why there is none."""
+    nonzero = sum(x != y for x, y in pairs)
+    if nonzero < 2:
+        return None, (f"only {nonzero} non-zero region pair(s) of {len(pairs)}; "
+                      "the test needs at least 2")
+    from scipy.stats import wilcoxon
+
+    result = wilcoxon([x for x, _ in pairs], [y for _, y in pairs], alternative="two-sided")
+    return float(result.pvalue), ""
+
+
+def paired_comparisons(rows: list[dict[str, Any]]) -> list[PairedComparison]:
+    """``stbat`` (or its ablation) vs ``finetune`` for every task, variant and train-days."""
+    found = []
+    for group in _groups(rows).values():
+        stbat = [m for m in dict.fromkeys(r["method"] for r in group) if _base(m) == "stbat"]
+        for label in stbat:
+            for days in sorted({r["train_days"] for r in group}, reverse=True):
+                if any(r["method"] == label and r["train_days"] == days for r in group):
+                    comparison = _compare(group, days, label)
+                    if comparison is not None:
+                        found.append(comparison)
+    return found
+
+
+# ----------------------------------------------------------------------------- tables
+def _seeds_cell(seeds: dict[int, set[int]]) -> str:
+    counts = list(dict.fromkeys(len(s) for s in seeds.values()))
+    return "/".join(str(c) for c in counts)
+
+
+def method_table(rows: list[dict[str, Any]]) -> str:
+    """Methods x train-days (few-shot first): RMSE and MAE, mean ± std over seeds, channel
+    ``mean``, like :func:`stbat_plugin.results.results_table`, plus the seed count
+    (``3/2`` when settings differ, in the order of the columns)."""
+    rows = [r for r in rows if r["channel"] == "mean"]
+    days = sorted({r["train_days"] for r in rows}, reverse=True)
+    cells: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    seeds: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        seeds[r["method"]][r["train_days"]].add(r["seed"])
+        for metric in ("rmse", "mae"):
+            cells[(r["method"], r["train_days"], metric)].append(r[metric])
+    names = [f"{d}-day" + (" (zero-shot)" if d == 0 else " (few-shot)") for d in days]
+    lines = ["| method | seeds | " + " | ".join(f"{n} RMSE | {n} MAE" for n in names) + " |",
+             "|---" * (2 + 2 * len(days)) + "|"]
+    for method in sorted(seeds, key=_order):
+        by_days = {d: seeds[method][d] for d in days if d in seeds[method]}
+        vals = [_fmt(cells.get((method, d, m), [])) for d in days for m in ("rmse", "mae")]
+        lines.append(f"| {method} | {_seeds_cell(by_days)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _p(c: PairedComparison) -> str:
+    if c.pvalue is None:
+        return f"n/a ({c.reason})"
+    return f"{c.pvalue:.3g} (n={c.region_pairs})"
+
+
+def comparison_table(comparisons: list[PairedComparison]) -> str:
+    """The paired comparisons of one task and variant as a markdown table."""
+    lines = ["| method | train days | seed×channel pairs | mean ΔRMSE (vs finetune) | "
+             "wins / losses / ties | Wilcoxon p (region pairs) |", "|---" * 6 + "|"]
+    for c in comparisons:
+        lines.append(f"| {c.stbat} | {c.train_days} | {c.pairs} | {c.mean_diff:+.4f} | "
+                     f"{c.wins} / {c.losses} / {c.ties} | {_p(c)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- completeness
+def _expected(out: Path, rows: list[dict[str, Any]]) -> tuple[Expected, str | None]:
+    """What each (task, variant) should hold, and the experiment name.
+
+    From the plan of ``OUT/spec.toml`` when there is one; else the seeds of the whole
+    file for every (method, train-days) present (a setting with fewer is incomplete).
+    """
+    expected: Expected = defaultdict(lambda: defaultdict(set))
+    if (out / SPEC_FILE).is_file():
+        try:
+            spec = load_spec(out / SPEC_FILE)
+        except ValueError as exc:
+            log.warning("%s: cannot plan from it (%s); judging completeness from the rows",
+                        out / SPEC_FILE, exc)
+        else:
+            for unit in plan(spec):
+                for days in unit.train_days:
+                    expected[(unit.task.name, unit.variant.label)][(unit.label, days)].add(unit.seed)
+            return expected, spec.name
+    all_seeds = {r["seed"] for r in rows}
+    for r in rows:
+        expected[(r.get("task", "?"), r.get("variant", "default"))][
+            (r["method"], r["train_days"])] = set(all_seeds)
+    return expected, None
+
+
+def _missing_lines(group: list[dict[str, Any]], want: dict[tuple[str, int], set[int]]) -> list[str]:
+    have: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for r in group:
+        have[(r["method"], r["train_days"])].add(r["seed"])
+    lines = []
+    for (method, days), seeds in sorted(want.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
+        missing = sorted(seeds - have[(method, days)])
+        if missing:
+            lines.append(f"- {method}, {days}-day: {len(seeds) - len(missing)} of {len(seeds)} "
+                         f"seed(s); missing seed(s) {missing}")
+    return lines
