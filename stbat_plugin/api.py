@@ -24,7 +24,7 @@ from stbat_plugin._registry import default_registry
 from stbat_plugin.checkpoint import load_checkpoint, save_checkpoint
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.method_registry import get_method, method_names
-from stbat_plugin.data import City, load_city, parse_span, region_descriptors
+from stbat_plugin.data import City, load_city, parse_span, region_descriptors, span_of
 from stbat_plugin.methods import (
     build_network,
     finetune,
@@ -59,7 +59,9 @@ class Pretrained:
 
 
 def load(data_dir: str | Path, name: str, span: str | None) -> City:
+    """City ``name`` cut to ``span`` (one span, or per-city ``name=START:END`` entries)."""
     city = load_city(data_dir, name)
+    span = span_of(span, name)
     start, end = parse_span(span) if span else (None, None)
     return city.restrict(start, end) if (start or end) else city
 

@@ -133,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="list the cities of a data folder")
     d.add_argument("--data-dir", required=True)
     sub.add_parser("backbones", help="list installed backbones and their plugins")
+
+    e = sub.add_parser("experiment", help="run (or resume) the experiment of a TOML spec")
+    e.add_argument("spec", help="the TOML spec: tasks, methods, seeds, settings, grid")
+    e.add_argument("--out", required=True, help="folder for results.jsonl, report.md and the "
+                   "cache; rerun the same command to resume")
+    e.add_argument("--data-dir", default=None, help="overrides the spec's data_dir")
+    e.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+    r = sub.add_parser("report", help="the markdown report of an experiment folder")
+    r.add_argument("out", help="the --out folder of `stbat experiment`")
     return parser
 
 
@@ -180,6 +190,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(text)
         if args.out:
             atomic_write_text(Path(args.out) / "metrics.json", text)
+    elif args.command == "experiment":
+        from stbat_plugin.experiment import run_experiment
+
+        summary = run_experiment(args.spec, args.out, data_dir=args.data_dir,
+                                 progress=not args.quiet)
+        print(summary.report_path.read_text())
+        print(f"ran {summary.units_run} of {summary.units} unit(s) ({summary.units_skipped} "
+              f"already done) in {summary.seconds:.1f} s; wrote {summary.results_path} and "
+              f"{summary.report_path}")
+    elif args.command == "report":
+        from stbat_plugin.report import write_report
+
+        path = write_report(args.out)
+        print(path.read_text())
+        print(f"wrote {path}")
     return 0
 
 

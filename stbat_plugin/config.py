@@ -49,7 +49,8 @@ class TransferConfig:
     finetune_lr: float = _opt(1e-3, "target fine-tuning (and target-only) learning rate")
     finetune_epochs: int = _opt(50, "target fine-tuning epochs (upper bound)")
     max_batches_per_epoch: int | None = _opt(None, "cap on pre-training batches per epoch")
-    source_span: str | None = _opt(None, "cut the source series, e.g. 2019-01-01:2019-06-30")
+    source_span: str | None = _opt(None, "cut the source series, e.g. 2019-01-01:2019-06-30, or "
+                                   "per city: nyc_taxi=2019-01-01:2019-04-30,melb=2022-01-01:")
     target_span: str | None = _opt(None, "cut the target series")
     descriptors: str = _opt("auto", "region descriptors of RIAM: POI or the temporal-profile "
                             "fallback", choices=("auto", "poi", "temporal_profile"))

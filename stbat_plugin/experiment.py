@@ -407,7 +407,9 @@ def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, An
     if not path.exists():
         return []
     data = path.read_bytes()
-    rows, pending, good_end, offset = [], [], 0, 0
+    rows: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    good_end = offset = 0
     lines = data.split(b"\n")
     for i, line in enumerate(lines):
         end = offset + len(line) + 1

@@ -200,3 +200,57 @@ def _missing_lines(group: list[dict[str, Any]], want: dict[tuple[str, int], set[
             lines.append(f"- {method}, {days}-day: {len(seeds) - len(missing)} of {len(seeds)} "
                          f"seed(s); missing seed(s) {missing}")
     return lines
+
+
+# ----------------------------------------------------------------------------- the report
+def _section(key: tuple[str, str], group: list[dict[str, Any]],
+             want: dict[tuple[str, int], set[int]]) -> str:
+    """The markdown of one task and variant."""
+    task, variant = key
+    head = f"## {task} — {variant}"
+    if not group:
+        return head + "\n\nNo results yet.\n\n" + "\n".join(_missing_lines(group, want))
+    first = group[0]
+    parts = [head, f"{first.get('sources', '?')} -> {first.get('target', '?')} (backbone "
+             f"{first.get('backbone', '?')}, descriptors {first.get('descriptors', '?')}). "
+             "RMSE and MAE in original units, channel mean, mean ± std over seeds.",
+             method_table(group)]
+    comparisons = paired_comparisons(group)
+    if comparisons:
+        parts += ["stbat vs finetune, paired by seed and channel (ΔRMSE < 0 and wins: stbat "
+                  "better); Wilcoxon signed-rank test (two-sided, SciPy) over seed × channel × "
+                  "region pairs of per-region RMSE:", comparison_table(comparisons)]
+    missing = _missing_lines(group, want)
+    if missing:
+        parts += ["**Incomplete** (fewer seeds than planned):", "\n".join(missing)]
+    return "\n\n".join(parts)
+
+
+def report(out: str | Path) -> str:
+    """The markdown report of an experiment folder (its ``results.jsonl``).
+
+    Raises:
+        ValueError: the folder has no result rows yet.
+    """
+    out = Path(out)
+    path = out / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: expected the folder of `stbat experiment "
+                         f"SPEC --out {out}`; run the experiment first or fix the path")
+    rows = read_results(path)
+    expected, name = _expected(out, rows)
+    groups = _groups(rows)
+    for key in expected:
+        groups.setdefault(key, [])
+    seeds = sorted({r["seed"] for r in rows})
+    blocks = [f"# Experiment {name or out.name}",
+              f"{len(rows)} result row(s) from `{path}`; seeds {seeds}."]
+    blocks += [_section(key, group, expected.get(key, {})) for key, group in groups.items()]
+    return "\n\n".join(blocks) + "\n"
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``OUT/report.md`` (atomically); returns its path."""
+    path = Path(out) / REPORT_FILE
+    atomic_write_text(path, report(out))
+    return path

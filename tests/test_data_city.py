@@ -147,3 +147,17 @@ def test_city_from_arrays_matches_load() -> None:
         arrays = {k: npz[k] for k in npz.files}
     city = city_from_arrays("nyc_taxi", arrays)
     assert np.array_equal(city.flow, load_city(TINY, "nyc_taxi").flow)
+
+
+def test_span_of_takes_one_span_or_per_city_spans():
+    from stbat_plugin.data import CityDataError, span_of
+
+    assert span_of(None, "a") is None
+    assert span_of("2019-01-01:2019-02-01", "a") == "2019-01-01:2019-02-01"
+    spans = "a=2019-01-01:2019-02-01, b=2022-01-01:"
+    assert span_of(spans, "a") == "2019-01-01:2019-02-01"
+    assert span_of(spans, "b") == "2022-01-01:"
+    assert span_of(spans, "c") is None  # not named: the whole series
+    for bad in ("a=2019-13-45:", "=2019-01-01:", "a=2019", "2019-01-01"):
+        with pytest.raises(CityDataError):
+            span_of(bad, "a")

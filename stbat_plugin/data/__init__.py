@@ -15,6 +15,7 @@ from stbat_plugin.data.city import (
     list_cities,
     load_city,
     parse_span,
+    span_of,
 )
 from stbat_plugin.data.descriptors import (
     RegionDescriptors,
@@ -64,6 +65,7 @@ __all__ = [
     "load_city",
     "make_scaler",
     "parse_span",
+    "span_of",
     "poi_descriptors",
     "region_descriptors",
     "scaler_from_state_dict",

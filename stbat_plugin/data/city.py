@@ -27,7 +27,8 @@ _STAMP = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2})?"
 _SPAN_RE = re.compile(rf"^\s*({_STAMP})?\s*:\s*({_STAMP})?\s*$")
 
 __all__ = ["City", "CityDataError", "CityInfo", "CityNotFoundError", "available_cities",
-           "city_from_arrays", "format_city_table", "list_cities", "load_city", "parse_span"]
+           "city_from_arrays", "format_city_table", "list_cities", "load_city", "parse_span",
+           "span_of"]
 STATIC_FEATURES = ("poi", "coords", "adjacency", "edge_index", "grid_shape", "observed")
 
 
@@ -126,6 +127,28 @@ def _parse_bound(text: str, is_end: bool) -> np.datetime64:
     return stamp + step
 
 
+def span_of(text: str | None, city: str) -> str | None:
+    """The span that applies to ``city``: ``text`` itself, or its ``city=START:END`` entry.
+
+    ``text`` is one span for every city (``"2019-01-01:2019-04-30"``) or comma-separated
+    per-city spans (``"nyc_taxi=2019-01-01:2019-04-30,melbourne_pedestrian=2022-01-01:"``);
+    a city not named there is used whole. Every span is checked with :func:`parse_span`.
+    """
+    if text is None or "=" not in text:
+        if text is not None:
+            parse_span(text)
+        return text
+    spans: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, span = part.partition("=")
+        if not sep or not name.strip():
+            raise CityDataError(f"bad per-city span {part!r} in {text!r}: expected "
+                                f"'city=START:END' entries separated by commas.")
+        parse_span(span)
+        spans[name.strip()] = span.strip()
+    return spans.get(city)
+
+
 def parse_span(text: str) -> tuple[str | None, str | None]:
     """Parse ``"START:END"`` (e.g. ``"2019-01-01:2019-12-31"``); either side may be empty.
 
@@ -139,6 +162,9 @@ def parse_span(text: str) -> tuple[str | None, str | None]:
             f"'2019-06-01:')."
         )
     start, end = match.group(1), match.group(2)
+    for side, is_end in ((start, False), (end, True)):
+        if side:
+            _parse_bound(side, is_end)  # a real date, e.g. no month 13
     if start and end and _parse_bound(start, False) >= _parse_bound(end, True):
         raise CityDataError(f"bad span {text!r}: start {start} is after end {end}.")
     return start, end
