@@ -16,24 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from stbat_plugin import metrics
 from stbat_plugin._registry import default_registry
 from stbat_plugin.checkpoint import load_checkpoint, save_checkpoint
 from stbat_plugin.config import TransferConfig
-from stbat_plugin.method_registry import get_method, method_names
 from stbat_plugin.data import City, load_city, parse_span, region_descriptors, span_of
+from stbat_plugin.method_registry import get_method, method_names
 from stbat_plugin.methods import (
-    build_network,
     finetune,
     predict,
 )
 from stbat_plugin.methods import (
     pretrain as _pretrain,
 )
-from stbat_plugin.network import PredictionNetwork
 from stbat_plugin.tasks import CityTask, source_task, target_task
 
 __all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
@@ -49,7 +46,7 @@ DEFAULT_METHODS = ("stbat", "finetune", "target-only", "persistence", "ha")
 class Pretrained:
     """A pre-trained transferable network and where it came from."""
 
-    net: PredictionNetwork
+    net: nn.Module  # the transferable network (backbone + predictor, or NLinear)
     method: str
     config: TransferConfig
     data: dict[str, Any]
@@ -102,7 +99,7 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
             "spans": {t.name: t.city.span for t in tasks},
             "channels": {t.name: list(t.city.channels) for t in tasks}}
 
-    def checkpoint(net: PredictionNetwork) -> None:
+    def checkpoint(net: nn.Module) -> None:
         if save is not None:  # best-so-far, atomically: an interrupted run keeps its best model
             save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
 
@@ -123,7 +120,7 @@ def from_checkpoint(path: str | Path, config: TransferConfig | None = None) -> P
     return Pretrained(net, payload["method"], run_config, payload["data"])
 
 
-def evaluate(net: PredictionNetwork, task: CityTask, device: str = "cpu") -> dict[str, dict]:
+def evaluate(net: nn.Module, task: CityTask, device: str = "cpu") -> dict[str, dict]:
     """Per-channel and mean RMSE / MAE on the target's test windows, in original units."""
     pred, y, mask = predict(net, task, "test", device)
     return metrics.per_channel_metrics(task.to_original(pred), task.to_original(y), mask,
@@ -211,37 +208,40 @@ def _check_methods(methods: list[str], days: list[int], config: TransferConfig) 
 def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityTask],
                config: TransferConfig, *, progress: bool = True, histories: dict | None = None,
                registry: Any = None, pretrained: nn.Module | None = None,
-               on_pretrained: Callable[[nn.Module], None] | None = None,
+               pretrained_info: dict[int, dict[str, Any]] | None = None,
+               on_pretrained: Callable[[nn.Module, dict[int, dict[str, Any]]], None] | None = None,
                on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
                ) -> list[dict[str, Any]]:
     """Rows of one method and seed on every target setting (pre-training once, if any).
 
     ``pretrained`` skips pre-training with a network already trained for this
-    (method, config, seed), e.g. from a cache; ``on_pretrained(net)`` is called right
-    after pre-training (e.g. to cache it) and ``on_rows(rows)`` with the rows of each
-    target setting as soon as they exist.
+    (method, config, seed), e.g. from a cache, and ``pretrained_info`` gives what the
+    method's ``target_info`` computed then, per train-days. ``on_pretrained(net, info)`` is
+    called right after pre-training (e.g. to cache both) and ``on_rows(rows)`` with the rows
+    of each target setting as soon as they exist.
     """
     spec = get_method(method)
     label = method_label(method, config)
     rows: list[dict[str, Any]] = []
-    net, pre_seconds, model = pretrained, 0.0, None
+    net, pre_seconds, info = pretrained, 0.0, dict(pretrained_info or {})
     if spec.pretrains and net is None:
         start = time.perf_counter()
         net, fit = _pretrain(method, src.tasks, config, seed, src.descriptors,
                              registry=registry, progress=progress)
-        pre_seconds, model = time.perf_counter() - start, fit.model
+        pre_seconds = time.perf_counter() - start
         if histories is not None:
             histories[(label, seed)] = fit.history
         log.info("%s seed %d: pre-trained in %.1fs", label, seed, pre_seconds)
+        if spec.target_info is not None:
+            info = {d: spec.target_info(fit.model, t, src.kind) for d, t in targets.items()}
         if on_pretrained is not None:
-            on_pretrained(net)
+            on_pretrained(net, info)
     for days, task in targets.items():
         if days == 0 and not spec.zero_shot:
             continue  # needs target training data: no zero-shot version exists
         start = time.perf_counter()
-        extra = spec.target_info(model, task, src.kind) if spec.target_info and model is not None else {}
         forecast = spec.adapt(net, task, config, seed, registry, progress)
-        forecast.info.update(extra, region_volume=region_volume(task))
+        forecast.info.update(info.get(days, {}), region_volume=region_volume(task))
         seconds = time.perf_counter() - start
         new = [{"method": label, "train_days": days, "channel": channel, "seed": seed,
                 "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,

@@ -87,8 +87,10 @@ def _bin_group(key: tuple, parts: list, by: str, bins: int) -> list[BinStats]:
     for b in range(bins):
         sel = lab == b
         if sel.any():
-            out.append(BinStats(*key, by, b, int(sel.sum()), float(s_all[sel].mean()),
-                                float(f_all[sel].mean()), float((s_all[sel] < f_all[sel]).mean())))
+            task, variant, days = key
+            out.append(BinStats(task, variant, days, by, b, int(sel.sum()),
+                                float(s_all[sel].mean()), float(f_all[sel].mean()),
+                                float((s_all[sel] < f_all[sel]).mean())))
     return out
 
 

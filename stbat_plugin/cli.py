@@ -78,7 +78,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TransferConfig):
         meta = f.metadata
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         help_text = f"{meta['help']} (default: {default!r})"
         if str(f.type) == "bool":
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

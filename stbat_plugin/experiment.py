@@ -28,6 +28,7 @@ The spec::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -39,7 +40,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from torch import nn
 import stbat_plugin
 from stbat_plugin import api
 from stbat_plugin.config import TransferConfig
-from stbat_plugin.data import parse_span
+from stbat_plugin.data import span_of
 from stbat_plugin.method_registry import get_method
 from stbat_plugin.results import atomic_write_text
 from stbat_plugin.tasks import CityTask, target_task
@@ -370,12 +371,16 @@ def _check_configs(spec: ExperimentSpec) -> None:
         try:
             config = spec.config(task, variant)
             api._check_methods(list(task.methods), list(task.train_days), config)
-            for span in (config.source_span, config.target_span):
-                if span is not None:
-                    parse_span(span)
         except (ValueError, TypeError) as exc:
             raise _error(spec.path, where, str(exc), "fix the value in [defaults], [grid] or "
                          "the task's config") from None
+        for key, cities in (("source_span", task.sources), ("target_span", [task.target])):
+            try:
+                for city in cities:
+                    span_of(getattr(config, key), city)
+            except ValueError as exc:
+                raise _error(spec.path, f"{where} {key}", str(exc), "fix the span in "
+                             "[defaults], [grid] or the task's config") from None
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -519,6 +524,7 @@ class _Run:
         return data.sources
 
     def targets(self, unit: Unit, days: list[int]) -> dict[int, CityTask]:
+        """Target tasks of the given train-days (each built once per (task, variant))."""
         data = self.task_data(unit)
         missing = [d for d in days if d not in data.targets]
         if missing:
@@ -542,33 +548,37 @@ class _Run:
 
     # ------------------------------------------------------------------ cached networks
     def cache_path(self, unit: Unit) -> Path:
+        """Where the unit's pre-trained network is cached."""
         return self.out / "cache" / unit.cache_name
 
-    def cached_network(self, unit: Unit) -> nn.Module | None:
-        """The unit's pre-trained network from ``OUT/cache``, or None (not cached / no pre-training)."""
+    def cached_network(self, unit: Unit) -> tuple[nn.Module | None, dict[int, dict[str, Any]]]:
+        """The unit's pre-trained network from ``OUT/cache`` and its per-train-days target
+        info, or ``(None, {})`` (not cached / no pre-training)."""
         path = self.cache_path(unit)
         if not get_method(unit.method).pretrains or not path.is_file():
-            return None
+            return None, {}
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
             net = get_method(unit.method).network(unit.config, self.registry)
-            net.load_state_dict(state)
+            net.load_state_dict(payload["state_dict"])
+            info = {int(k): v for k, v in payload["target_info"].items()}
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise ValueError(f"cannot load the cached pre-trained network {path} ({exc}); "
                              "delete that file to pre-train again") from exc
         log.info("%s: pre-trained network from the cache %s", unit.label, path)
-        return net.to(unit.config.device)
+        return net.to(unit.config.device), info
 
-    def cache_saver(self, unit: Unit) -> Callable[[nn.Module], None]:
-        """``on_pretrained`` of a unit: save the network's state atomically."""
+    def cache_saver(self, unit: Unit) -> Callable[[nn.Module, dict[int, dict[str, Any]]], None]:
+        """``on_pretrained`` of a unit: save the network's state and target info atomically."""
         path = self.cache_path(unit)
 
-        def save(net: nn.Module) -> None:
+        def save(net: nn.Module, info: dict[int, dict[str, Any]]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
                 with open(tmp, "wb") as fh:
-                    torch.save(net.state_dict(), fh)
+                    torch.save({"state_dict": net.state_dict(),
+                                "target_info": {str(k): v for k, v in info.items()}}, fh)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
@@ -582,10 +592,11 @@ class _Run:
     def run_unit(self, unit: Unit, days: list[int]) -> None:
         """Run ``unit`` on the given (not yet done) train-days; rows go to the file."""
         src = self.sources(unit)
-        pretrained = self.cached_network(unit)
+        pretrained, info = self.cached_network(unit)
         api.run_method(unit.method, unit.seed, src, self.targets(unit, days), unit.config,
                        progress=self.progress, registry=self.registry, pretrained=pretrained,
-                       on_pretrained=self.cache_saver(unit), on_rows=self.row_writer(unit, src.kind))
+                       pretrained_info=info, on_pretrained=self.cache_saver(unit),
+                       on_rows=self.row_writer(unit, src.kind))
 
 
 def git_commit() -> str | None:
@@ -645,13 +656,35 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
         progress: show progress bars of training.
         registry: backbone registry (default: the installed plugins).
     """
-    from stbat_plugin.report import write_report
-
     start, spec, out = time.perf_counter(), load_spec(spec_path), Path(out)
     chosen = _resolve_data_dir(spec, data_dir)
     _prepare_out(spec, out)
-    run = _Run(spec, out, chosen, registry, progress)
-    units, ran = plan(spec), 0
+    with _exclusive(out):
+        return _run_units(_Run(spec, out, chosen, registry, progress), start)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.lock`` (released by the OS even on ``kill -9``): one run per folder."""
+    with open(out / ".lock", "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover (not POSIX: no lock)
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `stbat experiment` is running on --out {out}; wait for it "
+                             "to finish (rerunning the same command then resumes)") from None
+        yield
+
+
+def _run_units(run: _Run, start: float) -> ExperimentSummary:
+    """Every unit of the run's spec not done yet, then ``report.md``."""
+    from stbat_plugin.report import write_report
+
+    units, ran = plan(run.spec), 0
     for k, unit in enumerate(units, 1):
         name = f"[{k}/{len(units)}] {unit.task.name} {unit.variant.label} {unit.label} seed {unit.seed}"
         days = [d for d in unit.train_days if unit.key(d) not in run.done]
@@ -662,6 +695,6 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
         run.run_unit(unit, days)
         ran += 1
         log.info("%s: done in %.1f s", name, time.perf_counter() - began)
-    report_path = write_report(out)
-    return ExperimentSummary(out, run.results, report_path, len(units), ran, len(units) - ran,
+    report_path = write_report(run.out)
+    return ExperimentSummary(run.out, run.results, report_path, len(units), ran, len(units) - ran,
                              run.rows_written, time.perf_counter() - start)

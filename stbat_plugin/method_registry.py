@@ -81,7 +81,7 @@ class Method:
     zero_shot: bool = False
     horizon_one: bool = False
     network: Callable[[TransferConfig, Any], nn.Module] = build_network
-    target_info: Callable[[nn.Module, CityTask, str], dict[str, Any]] | None = None
+    target_info: Callable[[Any, CityTask, str], dict[str, Any]] | None = None
 
     @property
     def pretrains(self) -> bool:
@@ -143,7 +143,7 @@ def _adapt_target_only(net: nn.Module | None, task: CityTask, config: TransferCo
     return _deep_forecast(net, task, config, {"best_epoch": fit.best_epoch})
 
 
-def riam_target_density(model: nn.Module, task: CityTask, kind: str) -> dict[str, Any]:
+def riam_target_density(model: Any, task: CityTask, kind: str) -> dict[str, Any]:
     """RIAM's log-density (Eq. 6) of each valid target region, from the target's descriptors.
 
     The descriptors are of the sources' kind: POI, or temporal profiles of the target's
@@ -162,7 +162,7 @@ def riam_target_density(model: nn.Module, task: CityTask, kind: str) -> dict[str
     with torch.no_grad():
         device = next(riam.parameters()).device
         phi = riam(normalize_descriptors(torch.as_tensor(desc.values[valid])).to(device))
-        log_density = SF.kde_log_density(phi, model.bandwidth).cpu().numpy()
+        log_density = SF.kde_log_density(phi, float(model.bandwidth)).cpu().numpy()
     out: list[float | None] = [None] * city.num_regions
     for i, v in zip(np.flatnonzero(valid), log_density, strict=True):
         out[int(i)] = float(v)

@@ -255,7 +255,7 @@ def finetune(net: nn.Module, target: CityTask, config: TransferConfig, seed: int
 
 
 def train_target_only(target: CityTask, config: TransferConfig, seed: int, registry: Any = None,
-                      progress: bool = True) -> tuple[PredictionNetwork, FitResult]:
+                      progress: bool = True) -> tuple[nn.Module, FitResult]:
     """The same network, freshly initialised, trained on the target's training days only."""
     seed_everything(seed)
     return finetune(build_network(config, registry), target, config, seed, progress)

@@ -87,8 +87,9 @@ class PredictionNetwork(nn.Module):
         self.out_channels = int(out_channels)
         self.head = FeedForward(self.feature_dim, hidden, self.horizon * self.out_channels)
         if normalize in ("last", "revin-last"):  # start as persistence
-            nn.init.zeros_(self.head[-1].weight)
-            nn.init.zeros_(self.head[-1].bias)
+            last: Any = self.head[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
         """Per-region features ``z`` ``[b, n, d]`` (Eq. 8) of the normalised input, with shape checks."""

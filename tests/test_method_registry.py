@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 from _cli_helpers import run_cli
+from test_pipeline_protocol import TINY, tiny_config
 
 from stbat_plugin import api, method_registry
 from stbat_plugin.cli import build_parser
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.method_registry import METHODS, Method, get_method, register_method
 from stbat_plugin.results import results_table
-from test_pipeline_protocol import TINY, tiny_config
 
 
 def test_every_entry_declares_its_capabilities():

@@ -90,7 +90,7 @@ class WindowDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} windows.")
         t = int(self.t_indices[i])
         y_obs = self.observed[t : t + self.horizon] & self.region_mask
-        sample = {
+        sample: dict[str, torch.Tensor | int] = {
             "x": self.flow[t - self.window : t],
             "y": self.flow[t : t + self.horizon],
             "mask": y_obs.unsqueeze(-1).expand(-1, -1, self.flow.shape[2]).contiguous(),
