@@ -498,7 +498,13 @@ class _Run:
         self.spec, self.out, self.data_dir = spec, out, data_dir
         self.registry, self.progress = registry, progress
         self.results = out / RESULTS_FILE
-        self.done = _done_keys(read_results(self.results, repair=True))
+        rows = read_results(self.results, repair=True)
+        self.done = _done_keys(rows)
+        #: rows of methods whose result does not depend on the seed, by (task, variant, label, days)
+        self.unseeded: dict[tuple, list[dict[str, Any]]] = {}
+        for row in rows:
+            if not get_method(row["method"].split(" ")[0]).seeded:
+                self.unseeded.setdefault(_unseeded_key(row), []).append(row)
         self.data: dict[tuple[str, str], _TaskData] = {}
         self.rows_written = 0
         self.provenance = {"spec": {"file": spec.path.name, "sha256": spec.sha256},
@@ -539,12 +545,31 @@ class _Run:
         extra = {"options": unit.variant.options, **self.provenance}
 
         def write(rows: list[dict[str, Any]]) -> None:
-            _append_rows(self.results, [{**base, **r, **extra} for r in rows])
+            full = [{**base, **r, **extra} for r in rows]
+            _append_rows(self.results, full)
             self.rows_written += len(rows)
             if rows:
                 self.done.add(unit.key(rows[0]["train_days"]))
+                if not get_method(unit.method).seeded:
+                    self.unseeded.setdefault(_unseeded_key(full[0]), []).extend(full)
 
         return write
+
+    def _copy_unseeded(self, unit: Unit, days: list[int]) -> list[int]:
+        """Write copies of an unseeded method's rows from another seed; the days still to run."""
+        left = []
+        for d in days:
+            rows = self.unseeded.get((unit.task.name, unit.variant.label, unit.label, d))
+            if not rows:
+                left.append(d)
+                continue
+            source_seed = rows[0]["seed"]
+            copies = [{**r, "seed": unit.seed, "info": {**r["info"], "copied_from_seed": source_seed}}
+                      for r in rows if r["seed"] == source_seed]
+            _append_rows(self.results, copies)
+            self.rows_written += len(copies)
+            self.done.add(unit.key(d))
+        return left
 
     # ------------------------------------------------------------------ cached networks
     def cache_path(self, unit: Unit) -> Path:
@@ -590,13 +615,25 @@ class _Run:
 
     # ------------------------------------------------------------------ one unit
     def run_unit(self, unit: Unit, days: list[int]) -> None:
-        """Run ``unit`` on the given (not yet done) train-days; rows go to the file."""
+        """Run ``unit`` on the given (not yet done) train-days; rows go to the file.
+
+        A method whose result does not depend on the seed (``Method.seeded`` False, e.g.
+        ARIMA) runs once; its rows are copied to the other seeds (``info.copied_from_seed``).
+        """
+        if not get_method(unit.method).seeded:
+            days = self._copy_unseeded(unit, days)
+            if not days:
+                return
         src = self.sources(unit)
         pretrained, info = self.cached_network(unit)
         api.run_method(unit.method, unit.seed, src, self.targets(unit, days), unit.config,
                        progress=self.progress, registry=self.registry, pretrained=pretrained,
                        pretrained_info=info, on_pretrained=self.cache_saver(unit),
                        on_rows=self.row_writer(unit, src.kind))
+
+
+def _unseeded_key(row: dict[str, Any]) -> tuple:
+    return (row["task"], row["variant"], row["method"], row["train_days"])
 
 
 def git_commit() -> str | None:

@@ -72,6 +72,8 @@ class Method:
             this method holds (default: backbone + predictor).
         target_info: ``(pre-trained model, target task, descriptor kind) -> dict`` added to
             the rows' ``info`` (e.g. RIAM's density of the target regions); None for none.
+        seeded: the result depends on the seed (False for the deterministic classical
+            methods: the experiment harness then runs them once and copies the rows).
     """
 
     name: str
@@ -82,6 +84,7 @@ class Method:
     horizon_one: bool = False
     network: Callable[[TransferConfig, Any], nn.Module] = build_network
     target_info: Callable[[Any, CityTask, str], dict[str, Any]] | None = None
+    seeded: bool = True
 
     @property
     def pretrains(self) -> bool:
@@ -245,12 +248,12 @@ for _method in (
     Method("target-only", "the deep network trained on the target's training days only",
            _adapt_target_only),
     Method("arima", "ARIMA(6,1,1) per region and channel, fitted on the training days", _arima,
-           horizon_one=True),
+           horizon_one=True, seeded=False),
     Method("ha", "historical average of the same weekday and time of the training days", _ha,
-           horizon_one=True),
+           horizon_one=True, seeded=False),
     Method("persistence", "repeat the last observed value", _persistence, zero_shot=True,
-           horizon_one=True),
+           horizon_one=True, seeded=False),
     Method("seasonal", "the same time one day or one week earlier (lag chosen on validation)",
-           _seasonal, zero_shot=True, horizon_one=True),
+           _seasonal, zero_shot=True, horizon_one=True, seeded=False),
 ):
     register_method(_method)

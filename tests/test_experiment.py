@@ -229,7 +229,8 @@ def test_an_incomplete_last_batch_reruns_only_its_train_days(reference, tmp_path
                         lambda m, s, src, targets, *a, **kw: calls.append((m, s, list(targets)))
                         or real(m, s, src, targets, *a, **kw))
     summary = run_experiment(reference["spec"], out)
-    assert calls == [("persistence", 2, [0])] and summary.units_run == 1
+    # persistence does not depend on the seed: its seed-2 rows are copied from seed 0, not rerun
+    assert calls == [] and summary.units_run == 1
     assert_same_metrics(lines(out / "results.jsonl"), reference["rows"])
 
 
@@ -467,3 +468,17 @@ def test_import_does_not_load_scipy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_unseeded_methods_run_once_and_are_copied_to_the_other_seeds(reference):
+    rows = [r for r in reference["rows"] if r["method"] == "persistence"]
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], []).append(r)
+    assert sorted(by_seed) == SEEDS
+    first = min(SEEDS)
+    assert all("copied_from_seed" not in r["info"] for r in by_seed[first])
+    for seed in SEEDS[1:]:
+        assert all(r["info"]["copied_from_seed"] == first for r in by_seed[seed])
+        assert sorted((r["train_days"], r["channel"], r["rmse"]) for r in by_seed[seed]) == \
+            sorted((r["train_days"], r["channel"], r["rmse"]) for r in by_seed[first])
