@@ -139,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder for results.jsonl, report.md and the "
                    "cache; rerun the same command to resume")
     e.add_argument("--data-dir", default=None, help="overrides the spec's data_dir")
+    e.add_argument("--tasks", type=_csv, default=None,
+                   help="run only these tasks of the spec (comma-separated names), e.g. to "
+                        "split a spec over processes with one --out each")
     e.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
-    r = sub.add_parser("report", help="the markdown report of an experiment folder")
-    r.add_argument("out", help="the --out folder of `stbat experiment`")
+    r = sub.add_parser("report", help="the markdown report of experiment folders")
+    r.add_argument("out", nargs="+", help="the --out folder(s) of `stbat experiment`; several "
+                   "are merged and the report is written into the first")
     return parser
 
 
@@ -194,7 +198,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from stbat_plugin.experiment import run_experiment
 
         summary = run_experiment(args.spec, args.out, data_dir=args.data_dir,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, tasks=args.tasks)
         print(summary.report_path.read_text())
         print(f"ran {summary.units_run} of {summary.units} unit(s) ({summary.units_skipped} "
               f"already done) in {summary.seconds:.1f} s; wrote {summary.results_path} and "
@@ -202,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "report":
         from stbat_plugin.report import write_report
 
-        path = write_report(args.out)
+        path = write_report(args.out[0], more=args.out[1:])
         print(path.read_text())
         print(f"wrote {path}")
     return 0

@@ -384,13 +384,20 @@ def _check_configs(spec: ExperimentSpec) -> None:
 
 
 # ----------------------------------------------------------------------------- the plan
-def plan(spec: ExperimentSpec) -> list[Unit]:
+def plan(spec: ExperimentSpec, tasks: list[str] | None = None) -> list[Unit]:
     """Every unit of work, in run order: task, variant, seed, method.
 
     A unit covers the train-days its method can run (zero-shot only where it supports it).
+    ``tasks`` keeps only the named tasks (e.g. to share a spec between processes).
     """
+    names = [t.name for t in spec.tasks]
+    unknown = sorted(set(tasks or ()) - set(names))
+    if unknown:
+        raise ValueError(f"spec {spec.path}: unknown task(s) {unknown} in --tasks; the spec has "
+                         f"{names}")
     units = []
-    for task, variant in itertools.product(spec.tasks, spec.variants()):
+    chosen = [t for t in spec.tasks if tasks is None or t.name in tasks]
+    for task, variant in itertools.product(chosen, spec.variants()):
         config = spec.config(task, variant)
         for seed, method in itertools.product(spec.seeds, task.methods):
             zero_shot = get_method(method).zero_shot
@@ -683,7 +690,8 @@ def _resolve_data_dir(spec: ExperimentSpec, data_dir: str | Path | None) -> Path
 
 
 def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Path | None = None,
-                   progress: bool = False, registry: Any = None) -> ExperimentSummary:
+                   progress: bool = False, registry: Any = None,
+                   tasks: list[str] | None = None) -> ExperimentSummary:
     """Run (or resume) every unit of a spec; rows go to ``out/results.jsonl``, then a report.
 
     Args:
@@ -692,12 +700,15 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
         data_dir: overrides the spec's ``data_dir``.
         progress: show progress bars of training.
         registry: backbone registry (default: the installed plugins).
+        tasks: run only these tasks of the spec (default: all). Two processes can share a
+            spec with different ``tasks`` and ``out``; ``stbat report OUT1 OUT2`` merges them.
     """
     start, spec, out = time.perf_counter(), load_spec(spec_path), Path(out)
+    plan(spec, tasks)  # unknown task names fail before anything is written
     chosen = _resolve_data_dir(spec, data_dir)
     _prepare_out(spec, out)
     with _exclusive(out):
-        return _run_units(_Run(spec, out, chosen, registry, progress), start)
+        return _run_units(_Run(spec, out, chosen, registry, progress), start, tasks)
 
 
 @contextlib.contextmanager
@@ -717,11 +728,11 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
-def _run_units(run: _Run, start: float) -> ExperimentSummary:
+def _run_units(run: _Run, start: float, tasks: list[str] | None = None) -> ExperimentSummary:
     """Every unit of the run's spec not done yet, then ``report.md``."""
     from stbat_plugin.report import write_report
 
-    units, ran = plan(run.spec), 0
+    units, ran = plan(run.spec, tasks), 0
     for k, unit in enumerate(units, 1):
         name = f"[{k}/{len(units)}] {unit.task.name} {unit.variant.label} {unit.label} seed {unit.seed}"
         days = [d for d in unit.train_days if unit.key(d) not in run.done]

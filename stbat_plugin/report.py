@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = ["PairedComparison", "paired_comparisons", "report", "write_report", "
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
+BALANCE_PNG = "balance.png"
 
 #: (method label, train days) -> seeds, per (task, variant)
 Expected = dict[tuple[str, str], dict[tuple[str, int], set[int]]]
@@ -226,31 +228,75 @@ def _section(key: tuple[str, str], group: list[dict[str, Any]],
     return "\n\n".join(parts)
 
 
-def report(out: str | Path) -> str:
-    """The markdown report of an experiment folder (its ``results.jsonl``).
+def load_rows(outs: list[Path]) -> tuple[list[dict[str, Any]], Expected, str | None]:
+    """Rows of every folder, what they should hold, and the experiment name.
+
+    With several folders (one spec split over processes with ``--tasks``), only the tasks
+    and variants that have rows in some folder are judged for completeness.
+    """
+    rows: list[dict[str, Any]] = []
+    expected: Expected = defaultdict(lambda: defaultdict(set))
+    name = None
+    for out in outs:
+        path = out / RESULTS_FILE
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist: expected the folder of `stbat experiment "
+                             f"SPEC --out {out}`; run the experiment first or fix the path")
+        part = read_results(path)
+        want, name = _expected(out, part)
+        for key, settings in want.items():
+            for setting, seeds in settings.items():
+                expected[key][setting] |= seeds
+        rows += part
+    if len(outs) > 1:
+        present = {(r.get("task", "?"), r.get("variant", "default")) for r in rows}
+        expected = defaultdict(lambda: defaultdict(set),
+                               {k: v for k, v in expected.items() if k in present})
+    return rows, expected, name
+
+
+def report(out: str | Path, more: Sequence[str | Path] = ()) -> str:
+    """The markdown report of one experiment folder (its ``results.jsonl``), or several merged.
 
     Raises:
-        ValueError: the folder has no result rows yet.
+        ValueError: a folder has no result rows yet.
     """
-    out = Path(out)
-    path = out / RESULTS_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: expected the folder of `stbat experiment "
-                         f"SPEC --out {out}`; run the experiment first or fix the path")
-    rows = read_results(path)
-    expected, name = _expected(out, rows)
+    outs = [Path(out), *map(Path, more)]
+    rows, expected, name = load_rows(outs)
     groups = _groups(rows)
     for key in expected:
         groups.setdefault(key, [])
     seeds = sorted({r["seed"] for r in rows})
-    blocks = [f"# Experiment {name or out.name}",
-              f"{len(rows)} result row(s) from `{path}`; seeds {seeds}."]
+    blocks = [f"# Experiment {name or outs[0].name}",
+              f"{len(rows)} result row(s) from {', '.join(f'`{o / RESULTS_FILE}`' for o in outs)}; "
+              f"seeds {seeds}."]
     blocks += [_section(key, group, expected.get(key, {})) for key, group in groups.items()]
+    blocks.append(_balance_section(rows, outs[0]))
     return "\n\n".join(blocks) + "\n"
 
 
-def write_report(out: str | Path) -> Path:
-    """Write ``OUT/report.md`` (atomically); returns its path."""
+def _balance_section(rows: list[dict[str, Any]], out: Path) -> str:
+    """Where balancing helps: STBaT vs fine-tuning by density and volume bin, with a plot."""
+    from stbat_plugin.balance import balance_bins, balance_table, plot_balance
+
+    stats = balance_bins(rows, "density") + balance_bins(rows, "volume")
+    head = "## Where balancing helps: STBaT vs fine-tuning by region density and volume"
+    if not stats:
+        return head + "\n\nNo STBaT and fine-tuning rows of the same seed with per-region data."
+    text = [head, "Regions binned into quartiles of RIAM's log-density (from the STBaT run of "
+            "the same seed; Q1 = rarest patterns) and of their mean flow over the target's "
+            "training days; region RMSE averaged over regions x seeds.", balance_table(stats)]
+    try:
+        path = plot_balance(stats, out / BALANCE_PNG)
+    except ImportError:
+        text.append("(Install the `plots` extra, matplotlib, for the figure.)")
+    else:
+        text.append(f"![STBaT vs fine-tuning by bin]({path.name})")
+    return "\n\n".join(text)
+
+
+def write_report(out: str | Path, more: Sequence[str | Path] = ()) -> Path:
+    """Write ``OUT/report.md`` (atomically) and the balance figure; returns the report's path."""
     path = Path(out) / REPORT_FILE
-    atomic_write_text(path, report(out))
+    atomic_write_text(path, report(out, more))
     return path

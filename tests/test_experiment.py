@@ -482,3 +482,34 @@ def test_unseeded_methods_run_once_and_are_copied_to_the_other_seeds(reference):
         assert all(r["info"]["copied_from_seed"] == first for r in by_seed[seed])
         assert sorted((r["train_days"], r["channel"], r["rmse"]) for r in by_seed[seed]) == \
             sorted((r["train_days"], r["channel"], r["rmse"]) for r in by_seed[first])
+
+
+def test_tasks_filter_and_a_merged_report(reference, tmp_path):
+    """One spec split over two folders with --tasks; `stbat report A B` merges them."""
+    spec = load_spec(reference["spec"])
+    assert [u.task.name for u in plan(spec, ["nyc2mel"])] == [u.task.name for u in plan(spec)]
+    with pytest.raises(ValueError, match="unknown task"):
+        plan(spec, ["nyc2mel", "atlantis"])
+    code, _, err = run_cli(["experiment", reference["spec"], "--out", tmp_path / "x",
+                            "--tasks", "atlantis", "--quiet"])
+    assert code == 2 and "atlantis" in err and not (tmp_path / "x" / "results.jsonl").exists()
+    a, b = copy_out(reference, tmp_path / "a"), tmp_path / "b"
+    b.mkdir()
+    shutil.copy(a / "spec.toml", b / "spec.toml")
+    rows = lines(a / "results.jsonl")
+    half = [r for r in rows if r["seed"] == 0]
+    (a / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["seed"] != 0))
+    (b / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in half))
+    merged = report(a, [b])
+    assert merged.replace(f"`{a}/results.jsonl`, `{b}/results.jsonl`", "X") != merged
+    assert "**Incomplete**" not in merged and "**Incomplete**" in report(a)
+
+
+def test_report_shows_where_balancing_helps_with_a_figure(reference, tmp_path):
+    out = copy_out(reference, tmp_path / "out")
+    md = report(out)
+    section = md.split("## Where balancing helps")[1]
+    assert "| nyc2mel | default | 3 | density | Q1 |" in section
+    assert "| nyc2mel | default | 0 | volume | Q4 |" in section
+    png = out / "balance.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and "![" in section
