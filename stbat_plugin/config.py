@@ -36,6 +36,8 @@ class TransferConfig:
                           "value) or revin-last (both)",
                           choices=("none", "revin", "last", "revin-last"))
     time_features: bool = _opt(False, "add time-of-day and day-of-week sin/cos input channels")
+    linear_skip: bool = _opt(False, "add a linear map of the normalised input window to the "
+                             "deep network's output (an LSTNet-style autoregressive highway)")
     val_days: int = _opt(60, "target validation days (before the test days)")
     test_days: int = _opt(60, "target test days (the last days of the series)")
     source_train_ratio: int = _opt(2, "source train part of the chronological train:val split")
@@ -101,7 +103,8 @@ class TransferConfig:
         """Settings a checkpoint must agree on to be loaded for adaptation."""
         return {"backbone": self.backbone, "backbone_kwargs": self.backbone_kwargs,
                 "window": self.window, "horizon": self.horizon, "scaler": self.scaler,
-                "normalize": self.normalize, "time_features": self.time_features}
+                "normalize": self.normalize, "time_features": self.time_features,
+                "linear_skip": self.linear_skip}
 
     @property
     def input_channels(self) -> int:

@@ -50,7 +50,8 @@ def build_backbone(config: TransferConfig, registry: Any = None) -> torch.nn.Mod
 def build_network(config: TransferConfig, registry: Any = None) -> PredictionNetwork:
     """Backbone + predictor, univariate (channels are folded into the batch)."""
     return PredictionNetwork(resolve_backbone(build_backbone(config, registry)),
-                             horizon=config.horizon, out_channels=1, normalize=config.normalize)
+                             horizon=config.horizon, out_channels=1, normalize=config.normalize,
+                             linear_skip=config.linear_skip, window=config.window)
 
 
 def build_linear(config: TransferConfig, registry: Any = None) -> NLinear:
@@ -170,7 +171,8 @@ def _build_stbat(sources: list[CityTask], config: TransferConfig,
         bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
         simdcl_weight=config.simdcl_weight, use_poi=config.use_poi, use_fdp=config.use_fdp,
         use_simdcl=config.use_simdcl, use_weighted_loss=config.use_weighted_loss,
-        normalize=config.normalize, registry=registry,
+        normalize=config.normalize, linear_skip=config.linear_skip, window=config.window,
+        registry=registry,
     )
 
 

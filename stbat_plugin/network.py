@@ -68,6 +68,11 @@ class PredictionNetwork(nn.Module):
             Further input channels (e.g. time-of-day covariates) pass unchanged. With
             ``"last"`` and ``"revin-last"`` the head's last layer starts at zero, so the
             untrained network repeats the last value.
+        linear_skip: add a linear map of the (normalised) input window to the head's
+            output, an autoregressive highway as in LSTNet (Lai et al., SIGIR 2018): the
+            network then contains NLinear, and the backbone learns what a linear map of the
+            window misses. Needs ``window`` (default: ``False``).
+        window: input steps ``t`` (needed by ``linear_skip``; default: ``None``).
 
     Shapes:
         x: ``[b, t, n, c]`` (grid backbones also take ``[b, t, c, h, w]``) ->
@@ -75,10 +80,13 @@ class PredictionNetwork(nn.Module):
     """
 
     def __init__(self, extractor: nn.Module, *, horizon: int = 1, out_channels: int = 1,
-                 hidden: int = 256, normalize: str = "none"):
+                 hidden: int = 256, normalize: str = "none", linear_skip: bool = False,
+                 window: int | None = None):
         super().__init__()
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"Expected 'normalize' in {list(NORMALIZATIONS)} (got {normalize!r})")
+        if linear_skip and (window is None or window < 1):
+            raise ValueError(f"linear_skip=True needs the input window t >= 1 (got window={window})")
         self.normalize = normalize
         self.extractor: Any = extractor
         self.feature_dim = int(getattr(extractor, "feature_dim"))  # noqa: B009
@@ -90,6 +98,11 @@ class PredictionNetwork(nn.Module):
             last: Any = self.head[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        self.window = window
+        self.skip = nn.Linear(int(window or 1), self.horizon) if linear_skip else None
+        if self.skip is not None:  # starts at zero: the skip adds nothing until trained
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
         """Per-region features ``z`` ``[b, n, d]`` (Eq. 8) of the normalised input, with shape checks."""
@@ -98,14 +111,24 @@ class PredictionNetwork(nn.Module):
     def forward_with_features(self, x: Tensor, **graph: Any) -> tuple[Tensor, Tensor]:
         """Prediction ``[b, s, n, c]`` (in the input's units) and features ``[b, n, d]``."""
         # x: [b, t, n, c_in]
-        if x.dim() == 4 and self.normalize != "none":
-            c = self.out_channels
-            offset, scale = window_norm(x[..., :c], self.normalize)
-            x = torch.cat([(x[..., :c] - offset) / scale, x[..., c:]], dim=-1)
+        if x.dim() != 4 and (self.normalize != "none" or self.skip is not None):
+            raise ValueError(f"Expected 'x' of shape [b, t, n, c] with normalize or linear_skip "
+                             f"(got {list(x.shape)})")
+        if x.dim() != 4:
             z = self._features(x, graph)
-            return self.forward_head(z) * scale + offset, z
-        z = self._features(x, graph)
-        return self.forward_head(z), z
+            return self.forward_head(z), z
+        c = self.out_channels
+        offset, scale = window_norm(x[..., :c], self.normalize)
+        series = (x[..., :c] - offset) / scale
+        z = self._features(torch.cat([series, x[..., c:]], dim=-1), graph)
+        out = self.forward_head(z)
+        if self.skip is not None:
+            if series.shape[1] != self.window:
+                raise ValueError(f"Expected 'x' with t = {self.window} steps for linear_skip "
+                                 f"(got {list(x.shape)})")
+            ar = self.skip(einops.rearrange(series, "b t n c -> b n c t"))
+            out = out + einops.rearrange(ar, "b n c s -> b s n c")
+        return out * scale + offset, z
 
     def _features(self, x: Tensor, graph: dict[str, Any]) -> Tensor:
         graph = dict(graph)

@@ -90,6 +90,8 @@ class BalancedTransfer(nn.Module):
         normalize: per-window input normalisation of the transferable network,
             ``"none"``, ``"revin"`` or ``"last"`` (default: ``"none"``; see
             :func:`stbat_plugin.network.window_norm`).
+        linear_skip, window: a linear autoregressive highway from the input window to the
+            output (see :class:`~stbat_plugin.network.PredictionNetwork`; default: off).
         min_sigma: floor of both sigmas in the KLD, in feature units (default: ``1e-2``).
         registry: backbone registry whose adapter hooks may claim ``backbone``
             (default: the installed plugins).
@@ -123,13 +125,16 @@ class BalancedTransfer(nn.Module):
         projector_dim: int = 256,
         min_sigma: float = 1e-2,
         normalize: str = "none",
+        linear_skip: bool = False,
+        window: int | None = None,
         registry: Any = None,
     ):
         super().__init__()
         extractor = resolve_backbone(backbone, tap=tap, feature_dim=feature_dim,
                                      tap_rearrange=tap_rearrange, registry=registry)
         self.net = PredictionNetwork(extractor, horizon=horizon, out_channels=out_channels,
-                                     hidden=predictor_hidden, normalize=normalize)
+                                     hidden=predictor_hidden, normalize=normalize,
+                                     linear_skip=linear_skip, window=window)
         d = self.net.feature_dim
         self.bandwidth, self.tau, self.beta = float(bandwidth), float(tau), float(beta)
         self.simdcl_weight, self.loss = float(simdcl_weight), loss

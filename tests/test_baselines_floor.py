@@ -163,3 +163,20 @@ def test_unobserved_history_is_skipped_by_persistence():
     pred = persistence(city, slice(6, 10))
     assert pred[:, 0, 0].tolist() == [4, 4, 4, 8]  # y[4] until y[8] is observed again
     assert pred[:, 1, 0].tolist() == [5, 6, 7, 8]
+
+
+def test_linear_skip_is_nlinear_plus_the_deep_head():
+    """With the head at zero, revin-last + linear_skip is NLinear on the normalised window."""
+    torch.manual_seed(0)
+    net = PredictionNetwork(_Mean(), normalize="revin-last", linear_skip=True, window=5).double()
+    torch.nn.init.normal_(net.skip.weight)
+    x = torch.rand(2, 5, 3, 1, dtype=torch.float64)
+    offset, scale = window_norm(x, "revin-last")
+    want = offset + scale * torch.einsum("btnc,st->bsnc", (x - offset) / scale, net.skip.weight)
+    torch.testing.assert_close(net(x), want + scale * net.skip.bias.view(1, -1, 1, 1))
+    torch.nn.init.normal_(net.head[-1].weight)  # the deep part adds to it
+    assert not torch.allclose(net(x), want + scale * net.skip.bias.view(1, -1, 1, 1))
+    with pytest.raises(ValueError, match="t = 5"):
+        net(torch.rand(2, 6, 3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="window"):
+        PredictionNetwork(_Mean(), linear_skip=True)
