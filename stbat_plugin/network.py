@@ -118,7 +118,7 @@ class PredictionNetwork(nn.Module):
             z = self._features(x, graph)
             return self.forward_head(z), z
         c = self.out_channels
-        offset, scale = window_norm(x[..., :c], self.normalize)
+        offset, scale = window_norm(_check_x(x)[..., :c], self.normalize)
         series = (x[..., :c] - offset) / scale
         z = self._features(torch.cat([series, x[..., c:]], dim=-1), graph)
         out = self.forward_head(z)

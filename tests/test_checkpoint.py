@@ -114,7 +114,7 @@ def test_checkpoint_carries_config_version_backbone_and_data(ckpt):
 
 @pytest.mark.parametrize("extra, words", [
     (["--backbone", "stnet"], ["graph_stnet", "stnet", "--backbone graph_stnet"]),
-    (["--window", "4"], ["window", "(6, 4)"]),
+    (["--window", "4"], ["window", "(24, 4)"]),
     (["--backbone-kwargs", '{"channels": 8, "hidden": 32}'], ["backbone_kwargs"]),
 ])
 def test_adapt_with_mismatched_settings_is_a_clear_error(ckpt, extra, words):

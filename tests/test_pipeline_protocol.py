@@ -54,7 +54,7 @@ def steps(sl: slice) -> range:
 # --------------------------------------------------------------------------- target split
 @pytest.mark.parametrize("train_days", [3, 1, 5])
 def test_target_split_is_train_then_val_then_test_at_the_end(train_days):
-    cfg = tiny_config(val_days=3, test_days=4)
+    cfg = tiny_config(val_days=3, test_days=4, window=6)  # 1 day holds no 24-step window
     task = target_task(load_city(TINY, "melbourne_pedestrian"), train_days, cfg)
     split = task.split
     assert task.city.num_steps == T_TINY
