@@ -1,7 +1,9 @@
 """A plugin claiming a whole third-party model family through ``stbat_adapt_backbone``.
 
 Every subclass of ``TheirBaseNet`` keeps its per-region output ``[b, n, hidden]`` in
-``self.body``; one hook answers for all of them. Run ``python examples/plugin_family_adapter.py``.
+``self.body``; one hook answers for all of them. Run ``python examples/plugin_family_adapter.py``,
+or ``stbat transfer --plugin examples/plugin_family_adapter.py:TheirFamilyPlugin
+--backbone their_mlp ...`` (the registered factories return the raw models).
 """
 
 from __future__ import annotations
@@ -39,12 +41,18 @@ class TheirTCNNet(TheirBaseNet):
             channels, hidden, (3, 1)), nn.ReLU(), Reduce("b d t n -> b n d", "max")), hidden)
 
 
-class TheirFamilyPlugin:  # --- our side: any object (or module) with the hook
+class TheirFamilyPlugin:  # --- our side: any object (or module) with the hooks
     @stbat.hookimpl
     def stbat_adapt_backbone(self, model: nn.Module):
         if isinstance(model, TheirBaseNet):
             return stbat.TapFeatures(model, "body", feature_dim=model.hidden)
         return None  # not ours: let other plugins try
+
+    @stbat.hookimpl
+    def stbat_register_backbones(self, register):  # raw models: the hook above claims them
+        register("their_mlp", lambda in_channels=1, window=24, hidden=32: TheirMLPNet(
+            window, in_channels, hidden), description="TheirMLPNet, forward(x)")
+        register("their_tcn", lambda in_channels=1, hidden=24: TheirTCNNet(in_channels, hidden))
 
 
 def main(root: str | Path = DATA, steps: int = 3) -> dict[str, list[float]]:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -27,6 +31,8 @@ __all__ = [
     "default_registry",
     "create_backbone",
     "list_backbones",
+    "load_plugin",
+    "registry_with_plugins",
 ]
 
 LAYOUTS = ("graph", "grid")
@@ -153,3 +159,54 @@ def create_backbone(name: str, *, registry: BackboneRegistry | None = None, **kw
 def list_backbones(*, registry: BackboneRegistry | None = None) -> list[str]:
     """Names of every registered backbone, sorted."""
     return (registry or default_registry()).names()
+
+
+def load_plugin(spec: str) -> object:
+    """A plugin object from ``"module"``, ``"path/to/file.py"`` or either with ``":name"``.
+
+    ``name`` is an attribute of the module (a class is instantiated with no arguments);
+    without it the module itself is the plugin (its ``@hookimpl`` functions).
+
+    Raises:
+        ValueError: naming the spec and what could not be found or imported.
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep:
+        target, attr = spec, ""
+    try:
+        module = _import_file(Path(target)) if target.endswith(".py") else \
+            importlib.import_module(target)
+    except Exception as err:  # noqa: BLE001 - any failure to import: name the spec
+        raise ValueError(f"plugin {spec!r}: cannot import {target!r} ({type(err).__name__}: "
+                         f"{err}); give a module name on the path or a .py file") from err
+    if not attr:
+        return module
+    if not hasattr(module, attr):
+        raise ValueError(f"plugin {spec!r}: {target!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    return obj() if isinstance(obj, type) else obj
+
+
+def _import_file(path: Path) -> object:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    name = f"stbat_plugin_file_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+def registry_with_plugins(specs: Iterable[str] = ()) -> BackboneRegistry | None:
+    """The installed plugins plus those named by :func:`load_plugin` specs (CLI ``--plugin``);
+    ``None`` (the default registry) when no spec is given."""
+    plugins = [load_plugin(s) for s in specs]
+    return BackboneRegistry(build_plugin_manager(plugins=plugins)) if plugins else None

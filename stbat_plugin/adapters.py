@@ -3,18 +3,28 @@
 Three ways, in this order:
 
 1. the model has ``forward_features(x, **graph) -> [b, n, d]``: used as is;
-2. ``tap="name"``: the output of the named submodule is the feature (a forward hook);
+2. ``tap="name"``: a named submodule's output (or input) is the feature
+   (:class:`~stbat_plugin.taps.TapFeatures`, a forward hook);
 3. a plugin claims the model through the ``stbat_adapt_backbone`` hook.
+
+The user's model object is never modified: a ``feature_dim=`` that the model does not
+declare wraps it instead of setting an attribute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import einops
 from torch import Tensor, nn
 
+from stbat_plugin._features import BackboneContractError, accepted_kwargs
+from stbat_plugin.taps import TapFeatures
+
 __all__ = ["FeatureExtractor", "TapFeatures", "BackboneContractError", "resolve_backbone"]
+
+LAYOUTS = ("graph", "grid")
 
 
 @runtime_checkable
@@ -26,76 +36,28 @@ class FeatureExtractor(Protocol):
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor: ...
 
 
-class BackboneContractError(TypeError):
-    """The model does not provide per-region features in a way the wrapper can use."""
-
-
-class _StopForward(Exception):
-    pass
-
-
-class TapFeatures(nn.Module):
-    """Use the output of a named submodule of ``model`` as the per-region features.
-
-    The full model is called as ``model(x, **graph)``; a forward hook captures the
-    submodule's output and stops the forward pass there, so no work after the tap
-    is done. The model's own code is not touched.
+class WithFeatureDim(nn.Module):
+    """A model with ``forward_features`` seen with another ``feature_dim``, untouched.
 
     Args:
-        model: any ``nn.Module``.
-        submodule: dotted name as in ``model.named_modules()``, e.g. ``"encoder.gru"``.
-        feature_dim: size ``d`` of the tapped features.
-        rearrange: einops pattern taking the tapped output to ``b n d``, e.g.
-            ``"b d n -> b n d"`` (default: ``None``, already ``[b, n, d]``).
-        layout: ``"graph"`` or ``"grid"`` (default: ``"graph"``).
-
-    Shapes:
-        x: ``[b, t, n, c]`` -> ``[b, n, d]``.
+        model: has ``forward_features`` (and possibly ``layout`` and ``prepare_city``).
+        feature_dim: size ``d`` of its features.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        submodule: str,
-        *,
-        feature_dim: int,
-        rearrange: str | None = None,
-        layout: str = "graph",
-    ):
+    def __init__(self, model: nn.Module, feature_dim: int):
         super().__init__()
-        names = dict(model.named_modules())
-        if submodule not in names:
-            listing = ", ".join(n for n in names if n) or "(none)"
-            raise BackboneContractError(
-                f"tap={submodule!r}: no such submodule in {type(model).__name__}; "
-                f"its submodules are: {listing}"
-            )
-        self.model = model
-        self.submodule = submodule
-        self.feature_dim = int(feature_dim)
-        self.rearrange = rearrange
-        self.layout = layout
+        self.model, self.feature_dim = model, int(feature_dim)
+        layout = getattr(model, "layout", "graph")
+        self.layout = layout if layout in LAYOUTS else "graph"
 
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
-        captured: list[Tensor] = []
+        model: Any = self.model
+        return model.forward_features(x, **accepted_kwargs(model.forward_features, graph))
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        handle = self.model.get_submodule(self.submodule).register_forward_hook(hook)
-        try:
-            self.model(x, **graph)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise BackboneContractError(
-                f"tap={self.submodule!r} was never called during {type(self.model).__name__}.forward"
-            )
-        z = captured[0]
-        return einops.rearrange(z, self.rearrange) if self.rearrange else z
+    def prepare_city(self, train_flow: Tensor, **graph: Any) -> dict[str, Any]:
+        prepare = getattr(self.model, "prepare_city", None)
+        return {} if prepare is None else (prepare(train_flow, **accepted_kwargs(prepare, graph))
+                                           or {})
 
     def forward(self, x: Tensor, **graph: Any) -> Tensor:
         return self.forward_features(x, **graph)
@@ -106,20 +68,45 @@ def resolve_backbone(
     *,
     tap: str | None = None,
     feature_dim: int | None = None,
+    tap_input: bool = False,
+    tap_select: int | str | None = None,
+    tap_calls: str | None = None,
     tap_rearrange: str | None = None,
+    tap_reduce_time: str | None = None,
+    input_rearrange: str | None = None,
+    graph_kwargs: Sequence[str] | None = None,
     registry: Any = None,
 ) -> nn.Module:
     """Return a module with ``forward_features`` and ``feature_dim`` for ``model``.
 
+    Args:
+        model: the user's model (never modified).
+        tap: name of the submodule giving the features; the ``tap_*`` options,
+            ``input_rearrange`` and ``graph_kwargs`` are those of
+            :class:`~stbat_plugin.taps.TapFeatures` (``input``, ``select``, ``calls``,
+            ``rearrange``, ``reduce_time``).
+        feature_dim: size ``d`` of the features (required with ``tap``; otherwise it
+            overrides the model's own ``feature_dim`` through a wrapper).
+        registry: whose ``stbat_adapt_backbone`` hooks may claim the model (default: the
+            installed plugins).
+
     Raises:
         BackboneContractError: listing the three ways to make a model usable.
     """
+    options: dict[str, Any] = {"input": tap_input, "select": tap_select, "calls": tap_calls,
+               "rearrange": tap_rearrange, "reduce_time": tap_reduce_time,
+               "input_rearrange": input_rearrange, "graph_kwargs": graph_kwargs}
     if tap is not None:
         if feature_dim is None:
             raise BackboneContractError(
-                f"tap={tap!r} needs feature_dim=<size d of that submodule's per-region output>"
-            )
-        return TapFeatures(model, tap, feature_dim=feature_dim, rearrange=tap_rearrange)
+                f"tap={tap!r} needs feature_dim=<size d of that submodule's per-region output>")
+        layout = getattr(model, "layout", "graph")
+        return TapFeatures(model, tap, feature_dim=feature_dim,
+                           layout=layout if layout in LAYOUTS else "graph", **options)
+    given = sorted((k if k in ("input_rearrange", "graph_kwargs") else "tap_" + k)
+                   for k, v in options.items() if v is not None and v is not False)
+    if given:
+        raise BackboneContractError(f"{', '.join(given)} only apply with tap=<submodule name>")
     extractor = model if hasattr(model, "forward_features") else None
     if extractor is None:
         from stbat_plugin._registry import default_registry
@@ -127,9 +114,10 @@ def resolve_backbone(
         extractor = (registry or default_registry()).adapt(model)
     if extractor is None:
         raise BackboneContractError(_HOW_TO_FIX.format(name=type(model).__name__))
-    if feature_dim is not None:
-        extractor.feature_dim = int(feature_dim)
-    if not isinstance(getattr(extractor, "feature_dim", None), int):
+    own = getattr(extractor, "feature_dim", None)
+    if feature_dim is not None and own != feature_dim:
+        return WithFeatureDim(extractor, feature_dim)
+    if not isinstance(own, int):
         raise BackboneContractError(
             f"{type(extractor).__name__} has forward_features but no int 'feature_dim'; "
             "pass BalancedTransfer(..., feature_dim=d) with the size d of its features"
@@ -140,10 +128,10 @@ def resolve_backbone(
 _HOW_TO_FIX = (
     "{name} does not expose per-region features [b, n, d], which STBaT needs. Fix it one of "
     "three ways: (1) give the model a method forward_features(x, **graph) -> [b, n, d] and an "
-    "int attribute feature_dim; (2) name the submodule whose output is the per-region "
-    "representation: BalancedTransfer(model, tap='encoder', feature_dim=64); (3) install or "
-    "register a plugin whose stbat_adapt_backbone hook claims this model class "
-    "(see docs/plugins.md)."
+    "int attribute feature_dim; (2) name the submodule whose output (or input, tap_input=True) "
+    "is the per-region representation: BalancedTransfer(model, tap='encoder', feature_dim=64); "
+    "(3) install or register a plugin whose stbat_adapt_backbone hook claims this model class "
+    "(see 'Wrapping a model you did not write' in docs/plugins.md)."
 )
 
 

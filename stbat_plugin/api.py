@@ -31,6 +31,7 @@ from stbat_plugin.methods import (
 from stbat_plugin.methods import (
     pretrain as _pretrain,
 )
+from stbat_plugin.preflight import preflight_methods
 from stbat_plugin.tasks import CityTask, source_task, target_task
 
 __all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
@@ -87,8 +88,12 @@ def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferCo
 
 def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
              config: TransferConfig | None = None, seed: int = 0, save: str | Path | None = None,
-             progress: bool = True) -> Pretrained:
-    """Pre-train ``method`` (stbat, finetune or maml) on the sources; optionally save it."""
+             progress: bool = True, registry: Any = None) -> Pretrained:
+    """Pre-train ``method`` (stbat, finetune or maml) on the sources; optionally save it.
+
+    ``registry``: the backbone registry (default: the installed plugins). A backbone that
+    cannot run on a source city fails before training (:func:`preflight_methods`).
+    """
     config = config or TransferConfig()
     if not get_method(method).pretrains:
         pre = [m for m in method_names() if get_method(m).pretrains]
@@ -103,18 +108,21 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
         if save is not None:  # best-so-far, atomically: an interrupted run keeps its best model
             save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
 
-    net, fit = _pretrain(method, tasks, config, seed, descs, progress=progress,
+    preflight_methods([method], tasks, config, registry)
+    net, fit = _pretrain(method, tasks, config, seed, descs, registry=registry, progress=progress,
                          on_improve=checkpoint)
     checkpoint(net)  # the best state, also when epoch 0 (no training) was best
     return Pretrained(net, method, config, data, fit.epochs_run, fit.seconds, fit.history)
 
 
-def from_checkpoint(path: str | Path, config: TransferConfig | None = None) -> Pretrained:
-    """Rebuild the pre-trained network of a checkpoint (checked against ``config``)."""
+def from_checkpoint(path: str | Path, config: TransferConfig | None = None,
+                    registry: Any = None) -> Pretrained:
+    """Rebuild the pre-trained network of a checkpoint (checked against ``config``), with the
+    backbones of ``registry`` (default: the installed plugins)."""
     payload = load_checkpoint(path, expect_backbone=config.backbone if config else None,
                               expect_config=config)
     saved = TransferConfig.from_dict(payload["config"])
-    net = get_method(payload["method"]).network(saved, None)
+    net = get_method(payload["method"]).network(saved, registry)
     net.load_state_dict(payload["state_dict"])
     run_config = replace(config, **saved.model_signature()) if config else saved
     return Pretrained(net, payload["method"], run_config, payload["data"])
@@ -129,10 +137,10 @@ def evaluate(net: nn.Module, task: CityTask, device: str = "cpu") -> dict[str, d
 
 def adapt(pretrained: Pretrained | str | Path, data_dir: str | Path, target: str,
           train_days: int, *, config: TransferConfig | None = None, seed: int = 0,
-          progress: bool = True) -> dict[str, dict]:
+          progress: bool = True, registry: Any = None) -> dict[str, dict]:
     """Fine-tune on ``train_days`` of the target (0 = zero-shot: evaluate directly); test."""
     if not isinstance(pretrained, Pretrained):
-        pretrained = from_checkpoint(pretrained, config)
+        pretrained = from_checkpoint(pretrained, config, registry)
     config = config or pretrained.config
     task = target_task(load(data_dir, target, config.target_span), train_days, config)
     net = pretrained.net.to(config.device)
@@ -171,11 +179,15 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
         get_method(m)
     days = [train_days] if isinstance(train_days, int) else list(train_days)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list or not methods or not days:
+        raise ValueError(f"nothing to run: seeds={seeds!r}, methods={methods!r}, "
+                         f"train_days={days!r}; give --seeds >= 1, methods and train days")
     _check_methods(methods, days, config)
     target_city = load(data_dir, target, config.target_span)
     targets = {d: target_task(target_city, d, config) for d in days}
     src = prepare_sources(data_dir, sources, config) if any(
         get_method(m).pretrains for m in methods) else SourceData([], {}, "none")
+    preflight_methods(methods, [*src.tasks, *targets.values()], config, registry)
     rows: list[dict[str, Any]] = []
     for seed in seed_list:
         for method in methods:
@@ -218,13 +230,15 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
     (method, config, seed), e.g. from a cache, and ``pretrained_info`` gives what the
     method's ``target_info`` computed then, per train-days. ``on_pretrained(net, info)`` is
     called right after pre-training (e.g. to cache both) and ``on_rows(rows)`` with the rows
-    of each target setting as soon as they exist.
+    of each target setting as soon as they exist. Before pre-training, the method's network
+    runs once on every source and target city (:func:`preflight_methods`).
     """
     spec = get_method(method)
     label = method_label(method, config)
     rows: list[dict[str, Any]] = []
     net, pre_seconds, info = pretrained, 0.0, dict(pretrained_info or {})
     if spec.pretrains and net is None:
+        preflight_methods([method], [*src.tasks, *targets.values()], config, registry)
         start = time.perf_counter()
         net, fit = _pretrain(method, src.tasks, config, seed, src.descriptors,
                              registry=registry, progress=progress)

@@ -8,13 +8,12 @@ source data. Writes are atomic: a temporary file in the same folder, then
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from stbat_plugin._io import atomic_write
 from stbat_plugin.config import TransferConfig
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT"]
@@ -42,15 +41,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Any], *, config: Tra
         "data": data,
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | Path, *, expect_backbone: str | None = None,

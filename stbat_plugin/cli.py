@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from stbat_plugin import api
+from stbat_plugin._io import atomic_write_text
+from stbat_plugin._registry import registry_with_plugins
 from stbat_plugin.checkpoint import load_checkpoint
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.method_registry import METHODS
-from stbat_plugin.results import atomic_write_text, results_table, write_results
+from stbat_plugin.results import results_table, write_results
 
 __all__ = ["main", "build_parser"]
 
@@ -87,6 +89,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, type=_flag_type(f), choices=meta.get("choices"),
                            default=argparse.SUPPRESS, help=help_text)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_plugin_option(p)
+
+
+def _add_plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE[:NAME]",
+                   help="also use this plugin (a module, or a .py file, or NAME in it), next to "
+                        "the installed ones; repeatable")
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TransferConfig:
@@ -132,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("datasets", help="list the cities of a data folder")
     d.add_argument("--data-dir", required=True)
-    sub.add_parser("backbones", help="list installed backbones and their plugins")
+    _add_plugin_option(sub.add_parser("backbones", help="list installed backbones and their "
+                                      "plugins"))
 
     e = sub.add_parser("experiment", help="run (or resume) the experiment of a TOML spec")
     e.add_argument("spec", help="the TOML spec: tasks, methods, seeds, settings, grid")
@@ -142,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=_csv, default=None,
                    help="run only these tasks of the spec (comma-separated names), e.g. to "
                         "split a spec over processes with one --out each")
+    e.add_argument("--seeds", type=lambda t: [int(v) for v in _csv(t)], default=None,
+                   help="run only these of the spec's seeds (comma-separated), e.g. 0,1")
     e.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    _add_plugin_option(e)
 
     r = sub.add_parser("report", help="the markdown report of experiment folders")
     r.add_argument("out", nargs="+", help="the --out folder(s) of `stbat experiment`; several "
@@ -167,7 +180,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(api.datasets(args.data_dir))
     elif args.command == "backbones":
         print(f"{'name':<16} {'layout':<6} {'plugin':<14} {'distribution':<26} description")
-        for b in api.backbones():
+        for b in api.backbones(registry_with_plugins(args.plugin)):
             dist = f"{b['distribution']} {b['version']}" if b["distribution"] else "(not installed)"
             print(f"{b['name']:<16} {b['layout']:<6} {b['plugin']:<14} {dist:<26} {b['description']}")
     elif args.command == "transfer":
@@ -176,20 +189,23 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise NotADirectoryError(f"--out {out} exists and is not a directory; choose another path")
         rows = api.transfer(args.data_dir, args.source, args.target, train_days=args.train_days,
                             methods=args.methods, seeds=args.seeds, config=_config(args),
-                            progress=not args.quiet)
+                            progress=not args.quiet,
+                            registry=registry_with_plugins(args.plugin))
         json_path, md_path = write_results(rows, args.out)
         print(results_table(rows))
         print(f"\nwrote {json_path} and {md_path}")
     elif args.command == "pretrain":
         pre = api.pretrain(args.data_dir, args.source, method=args.method, config=_config(args),
-                           seed=args.seed, save=args.save, progress=not args.quiet)
+                           seed=args.seed, save=args.save, progress=not args.quiet,
+                           registry=registry_with_plugins(args.plugin))
         print(f"pre-trained {pre.method} on {','.join(args.source)} in {pre.epochs} epochs "
               f"({pre.seconds:.1f}s); saved {args.save}")
     elif args.command == "adapt":
         saved = load_checkpoint(args.checkpoint)["config"]
         base = {key: saved[key] for key in _MODEL_OPTIONS if key in saved}
         result = api.adapt(args.checkpoint, args.data_dir, args.target, args.train_days,
-                           config=_config(args, base), seed=args.seed, progress=not args.quiet)
+                           config=_config(args, base), seed=args.seed, progress=not args.quiet,
+                           registry=registry_with_plugins(args.plugin))
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:
@@ -198,7 +214,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from stbat_plugin.experiment import run_experiment
 
         summary = run_experiment(args.spec, args.out, data_dir=args.data_dir,
-                                 progress=not args.quiet, tasks=args.tasks)
+                                 progress=not args.quiet, tasks=args.tasks, seeds=args.seeds,
+                                 registry=registry_with_plugins(args.plugin))
         print(summary.report_path.read_text())
         print(f"ran {summary.units_run} of {summary.units} unit(s) ({summary.units_skipped} "
               f"already done) in {summary.seconds:.1f} s; wrote {summary.results_path} and "

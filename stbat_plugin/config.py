@@ -84,6 +84,9 @@ class TransferConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
+            raise ValueError(f"max_batches_per_epoch must be >= 1 or None for no cap (got "
+                             f"{self.max_batches_per_epoch}); 0 would skip pre-training")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2: Eq. 10 needs two samples per batch")
         for f in fields(self):

@@ -50,10 +50,10 @@ from torch import nn
 
 import stbat_plugin
 from stbat_plugin import api
+from stbat_plugin._io import atomic_write, atomic_write_text
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import span_of
 from stbat_plugin.method_registry import get_method
-from stbat_plugin.results import atomic_write_text
 from stbat_plugin.tasks import CityTask, target_task
 
 if sys.version_info >= (3, 11):
@@ -384,25 +384,34 @@ def _check_configs(spec: ExperimentSpec) -> None:
 
 
 # ----------------------------------------------------------------------------- the plan
-def plan(spec: ExperimentSpec, tasks: list[str] | None = None) -> list[Unit]:
-    """Every unit of work, in run order: task, variant, seed, method.
+def plan(spec: ExperimentSpec, tasks: list[str] | None = None,
+         seeds: list[int] | None = None) -> list[Unit]:
+    """Every unit of work, in run order: seed, task, variant, method.
+
+    Seeds come first, so that a run stopped early holds every task and variant for the
+    seeds it finished (a balanced partial result), not some tasks only.
 
     A unit covers the train-days its method can run (zero-shot only where it supports it).
-    ``tasks`` keeps only the named tasks (e.g. to share a spec between processes).
+    ``tasks`` keeps only the named tasks and ``seeds`` only these seeds of the spec (e.g.
+    to share a spec between processes).
     """
     names = [t.name for t in spec.tasks]
     unknown = sorted(set(tasks or ()) - set(names))
     if unknown:
         raise ValueError(f"spec {spec.path}: unknown task(s) {unknown} in --tasks; the spec has "
                          f"{names}")
+    if seeds is not None and (not seeds or not set(seeds) <= set(spec.seeds)):
+        raise ValueError(f"spec {spec.path}: --seeds {seeds} must be a non-empty subset of the "
+                         f"spec's seeds {spec.seeds}")
     units = []
     chosen = [t for t in spec.tasks if tasks is None or t.name in tasks]
-    for task, variant in itertools.product(chosen, spec.variants()):
-        config = spec.config(task, variant)
-        for seed, method in itertools.product(spec.seeds, task.methods):
+    configs = {(t.name, v.label): spec.config(t, v) for t in chosen for v in spec.variants()}
+    chosen_seeds = [s for s in spec.seeds if seeds is None or s in seeds]
+    for seed, task, variant in itertools.product(chosen_seeds, chosen, spec.variants()):
+        for method in task.methods:
             zero_shot = get_method(method).zero_shot
             days = tuple(d for d in task.train_days if d > 0 or zero_shot)
-            units.append(Unit(task, variant, method, seed, days, config))
+            units.append(Unit(task, variant, method, seed, days, configs[(task.name, variant.label)]))
     return units
 
 
@@ -605,18 +614,9 @@ class _Run:
         path = self.cache_path(unit)
 
         def save(net: nn.Module, info: dict[int, dict[str, Any]]) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as fh:
-                    torch.save({"state_dict": net.state_dict(),
-                                "target_info": {str(k): v for k, v in info.items()}}, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            payload = {"state_dict": net.state_dict(),
+                       "target_info": {str(k): v for k, v in info.items()}}
+            atomic_write(path, lambda fh: torch.save(payload, fh))
 
         return save
 
@@ -691,7 +691,8 @@ def _resolve_data_dir(spec: ExperimentSpec, data_dir: str | Path | None) -> Path
 
 def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Path | None = None,
                    progress: bool = False, registry: Any = None,
-                   tasks: list[str] | None = None) -> ExperimentSummary:
+                   tasks: list[str] | None = None,
+                   seeds: list[int] | None = None) -> ExperimentSummary:
     """Run (or resume) every unit of a spec; rows go to ``out/results.jsonl``, then a report.
 
     Args:
@@ -702,13 +703,14 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
         registry: backbone registry (default: the installed plugins).
         tasks: run only these tasks of the spec (default: all). Two processes can share a
             spec with different ``tasks`` and ``out``; ``stbat report OUT1 OUT2`` merges them.
+        seeds: run only these of the spec's seeds (default: all).
     """
     start, spec, out = time.perf_counter(), load_spec(spec_path), Path(out)
-    plan(spec, tasks)  # unknown task names fail before anything is written
+    plan(spec, tasks, seeds)  # unknown task names or seeds fail before anything is written
     chosen = _resolve_data_dir(spec, data_dir)
     _prepare_out(spec, out)
     with _exclusive(out):
-        return _run_units(_Run(spec, out, chosen, registry, progress), start, tasks)
+        return _run_units(_Run(spec, out, chosen, registry, progress), start, tasks, seeds)
 
 
 @contextlib.contextmanager
@@ -728,11 +730,12 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
-def _run_units(run: _Run, start: float, tasks: list[str] | None = None) -> ExperimentSummary:
+def _run_units(run: _Run, start: float, tasks: list[str] | None = None,
+               seeds: list[int] | None = None) -> ExperimentSummary:
     """Every unit of the run's spec not done yet, then ``report.md``."""
     from stbat_plugin.report import write_report
 
-    units, ran = plan(run.spec, tasks), 0
+    units, ran = plan(run.spec, tasks, seeds), 0
     for k, unit in enumerate(units, 1):
         name = f"[{k}/{len(units)}] {unit.task.name} {unit.variant.label} {unit.label} seed {unit.seed}"
         days = [d for d in unit.train_days if unit.key(d) not in run.done]

@@ -31,9 +31,11 @@ def stbat_register_backbones(register: Register) -> None:
 
     Call ``register(name, factory, layout="graph", description="")`` once per
     backbone. ``factory(**kwargs)`` must return an ``nn.Module`` with
-    ``forward_features(x, **graph) -> [b, n, d]`` and an int ``feature_dim``
-    (see ``docs/plugins.md``). ``layout`` is ``"graph"`` (input ``[b, t, n, c]``
-    plus ``edge_index`` / ``edge_weight``) or ``"grid"`` (input ``[b, t, c, h, w]``).
+    ``forward_features(x, **graph) -> [b, n, d]`` and an int ``feature_dim``, e.g. a
+    ``TapFeatures`` around a model nobody wrote for STBaT, or a model that this or
+    another plugin's ``stbat_adapt_backbone`` claims (see ``docs/plugins.md``).
+    ``layout`` is ``"graph"`` (input ``[b, t, n, c]`` plus ``edge_index`` /
+    ``edge_weight``) or ``"grid"`` (input ``[b, t, c, h, w]``).
 
     Example::
 
@@ -48,8 +50,9 @@ def stbat_adapt_backbone(model: nn.Module) -> Any:
     """Claim a model that has no ``forward_features`` of its own.
 
     Return a module exposing ``forward_features(x, **graph) -> [b, n, d]`` and
-    ``feature_dim`` that wraps ``model`` (without editing its code), or ``None``
-    to let other plugins try. The first non-``None`` answer wins.
+    ``feature_dim`` that wraps ``model`` (without editing or modifying it), or ``None``
+    to let other plugins try. The first non-``None`` answer wins. ``TapFeatures`` takes
+    the ``tap_*`` keywords of ``BalancedTransfer`` without the prefix.
 
     Example::
 

@@ -49,7 +49,7 @@ def build_backbone(config: TransferConfig, registry: Any = None) -> torch.nn.Mod
 
 def build_network(config: TransferConfig, registry: Any = None) -> PredictionNetwork:
     """Backbone + predictor, univariate (channels are folded into the batch)."""
-    return PredictionNetwork(resolve_backbone(build_backbone(config, registry)),
+    return PredictionNetwork(resolve_backbone(build_backbone(config, registry), registry=registry),
                              horizon=config.horizon, out_channels=1, normalize=config.normalize,
                              linear_skip=config.linear_skip, window=config.window)
 

@@ -13,6 +13,7 @@ import einops
 import torch
 from torch import Tensor, nn
 
+from stbat_plugin._features import accepted_kwargs, feature_shape_hint
 from stbat_plugin.adapters import regions_to_grid
 
 __all__ = ["FeedForward", "PredictionNetwork", "NLinear", "NORMALIZATIONS", "window_norm"]
@@ -133,16 +134,16 @@ class PredictionNetwork(nn.Module):
     def _features(self, x: Tensor, graph: dict[str, Any]) -> Tensor:
         graph = dict(graph)
         x, n = self._to_backbone_layout(x, graph)
-        z = self.extractor.forward_features(x, **graph)
+        forward_features = self.extractor.forward_features
+        z = forward_features(x, **accepted_kwargs(forward_features, graph))
         expected = (x.shape[0], n, self.feature_dim)
         if tuple(z.shape) != expected:
-            what = "changed the number of regions" if z.dim() == 3 and z.shape[1] != n else \
-                "returned features of the wrong shape"
-            raise ValueError(
-                f"Backbone {type(self.extractor).__name__} {what}: expected [b, n, d] = "
-                f"{list(expected)}, got {list(z.shape)}. STBaT needs one feature vector per "
-                "region; if the model pools regions, tap an earlier submodule"
-            )
+            what = "changed the number of regions" if z.dim() == 3 and z.shape[:1] == x.shape[:1] \
+                and z.shape[1] != n else "returned features of the wrong shape"
+            hint = feature_shape_hint(z.shape, b=x.shape[0], n=n, t=x.shape[1], d=self.feature_dim,
+                                      tap=False)
+            raise ValueError(f"Backbone {type(self.extractor).__name__} {what}: expected [b, n, d] = "
+                             f"{list(expected)}, got {list(z.shape)}; {hint}")
         return z
 
     def forward_head(self, z: Tensor) -> Tensor:

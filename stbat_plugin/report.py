@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from stbat_plugin._io import atomic_write_text
 from stbat_plugin.experiment import RESULTS_FILE, SPEC_FILE, load_spec, plan, read_results
-from stbat_plugin.results import _fmt, _order, atomic_write_text
+from stbat_plugin.results import _fmt, _order
 
 __all__ = ["PairedComparison", "paired_comparisons", "report", "write_report", "REPORT_FILE"]
 
@@ -149,6 +152,37 @@ def method_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[dict[str, Any]], metric: str = "rmse") -> str:
+    """Methods x (task, variant) for every train-days setting: one metric, mean ± std over
+    seeds (channel ``mean``); the best mean of each column in bold."""
+    rows = [r for r in rows if r["channel"] == "mean"]
+    cols = list(dict.fromkeys((r.get("task", "?"), r.get("variant", "default"))
+                              for r in rows))
+    blocks = []
+    for days in sorted({r["train_days"] for r in rows}, reverse=True):
+        cells: dict[tuple, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["train_days"] == days:
+                cells[(r["method"], r.get("task", "?"), r.get("variant", "default"))].append(
+                    r[metric])
+        methods = sorted({k[0] for k in cells}, key=_order)
+        best = {c: min((np.mean(cells[(m, *c)]) for m in methods if cells.get((m, *c))),
+                       default=None) for c in cols}
+        names = [t if v == "default" else f"{t} ({v})" for t, v in cols]
+        kind = "zero-shot" if days == 0 else "few-shot"
+        lines = [f"{metric.upper()}, {days}-day ({kind}):", "",
+                 "| method | " + " | ".join(names) + " |", "|---" * (1 + len(cols)) + "|"]
+        for m in methods:
+            vals = []
+            for c in cols:
+                v = cells.get((m, *c), [])
+                text = _fmt(v)
+                vals.append(f"**{text}**" if v and np.mean(v) == best[c] else text)
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def _p(c: PairedComparison) -> str:
     if c.pvalue is None:
         return f"n/a ({c.reason})"
@@ -270,6 +304,10 @@ def report(out: str | Path, more: Sequence[str | Path] = ()) -> str:
     blocks = [f"# Experiment {name or outs[0].name}",
               f"{len(rows)} result row(s) from {', '.join(f'`{o / RESULTS_FILE}`' for o in outs)}; "
               f"seeds {seeds}."]
+    if len(groups) > 1:
+        blocks += ["## Summary across tasks", "Channel mean, mean ± std over seeds; the best "
+                   "mean of each column in bold.", summary_table(rows, "rmse"),
+                   summary_table(rows, "mae")]
     blocks += [_section(key, group, expected.get(key, {})) for key, group in groups.items()]
     blocks.append(_balance_section(rows, outs[0]))
     return "\n\n".join(blocks) + "\n"

@@ -75,7 +75,11 @@ class BalancedTransfer(nn.Module):
         horizon: steps predicted (default: ``1``). out_channels: (default: ``1``).
         feature_dim: size ``d`` of the backbone features (default: the backbone's
             ``feature_dim``).
-        tap, tap_rearrange: use a named submodule's output as features.
+        tap: name of the submodule whose output (or input) gives the features; with the
+            ``tap_*`` options and ``input_rearrange`` of
+            :func:`~stbat_plugin.adapters.resolve_backbone` (``tap_input``, ``tap_select``,
+            ``tap_calls``, ``tap_rearrange``, ``tap_reduce_time``, ``graph_kwargs``; see
+            docs/plugins.md, "Wrapping a model you did not write").
         embed_dim: RIAM embedding size ``D`` (default: ``32``).
         bandwidth: KDE bandwidth ``h`` (default: ``0.85``).
         tau: SimDCL temperature (default: ``1.0``).
@@ -111,6 +115,12 @@ class BalancedTransfer(nn.Module):
         feature_dim: int | None = None,
         tap: str | None = None,
         tap_rearrange: str | None = None,
+        tap_input: bool = False,
+        tap_select: int | str | None = None,
+        tap_calls: str | None = None,
+        tap_reduce_time: str | None = None,
+        input_rearrange: str | None = None,
+        graph_kwargs: tuple[str, ...] | None = None,
         embed_dim: int = 32,
         bandwidth: float = 0.85,
         tau: float = 1.0,
@@ -131,7 +141,11 @@ class BalancedTransfer(nn.Module):
     ):
         super().__init__()
         extractor = resolve_backbone(backbone, tap=tap, feature_dim=feature_dim,
-                                     tap_rearrange=tap_rearrange, registry=registry)
+                                     tap_rearrange=tap_rearrange, tap_input=tap_input,
+                                     tap_select=tap_select, tap_calls=tap_calls,
+                                     tap_reduce_time=tap_reduce_time,
+                                     input_rearrange=input_rearrange,
+                                     graph_kwargs=graph_kwargs, registry=registry)
         self.net = PredictionNetwork(extractor, horizon=horizon, out_channels=out_channels,
                                      hidden=predictor_hidden, normalize=normalize,
                                      linear_skip=linear_skip, window=window)
@@ -247,6 +261,8 @@ class BalancedTransfer(nn.Module):
             city: which source city the batch comes from (default: the only one).
         """
         state = self._city(city) if self.riam is not None else None
+        if state is not None:
+            _check_regions(state, x, city or next(iter(self.cities)))
         if state is not None and not state.fresh:
             self.refresh_imbalance(state)
         stblm_loss, parts, stats = self.stblm_loss(x, y, state=state, mask=mask, **graph)
@@ -308,6 +324,14 @@ class BalancedTransfer(nn.Module):
         if city not in self.cities:
             raise KeyError(f"Unknown city {city!r}; registered: {list(self.cities)}")
         return self.cities[city]  # type: ignore[return-value]
+
+
+def _check_regions(state: _City, x: Tensor, city: str) -> None:
+    n = x.shape[2] if x.dim() == 4 else x.shape[-2] * x.shape[-1]
+    if state.valid.shape[0] != n:
+        raise ValueError(f"Expected 'region_features' of city {city!r} with one row per region of "
+                         f"x, n={n} (got {state.valid.shape[0]} rows); pass the descriptors of the "
+                         "regions in x, in the same order")
 
 
 def _as_city_mapping(region_features: Any) -> dict[str, Tensor]:

@@ -15,22 +15,29 @@ from stbat_plugin.adapters import grid_to_regions, regions_to_grid, resolve_back
 PLAIN = {"use_simdcl": False, "use_weighted_loss": False, "predictor_hidden": 8}
 
 
-class Exploding(nn.Module):
-    def forward(self, x):
-        raise RuntimeError("the forward pass went past the tap")
+class Head(nn.Module):
+    """The model's own head, after the features: it runs (the whole forward runs), unused."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(d, 1), 0
+
+    def forward(self, h):
+        self.calls += 1
+        return self.lin(h)
 
 
 class Encoded(nn.Module):
-    """A user's model: a per-region encoder, then something we must never reach."""
+    """A user's model: a per-region encoder, then its own head."""
 
     def __init__(self, c: int = 2, d: int = 6):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(c, d), nn.Tanh())
-        self.explode = Exploding()
+        self.head = Head(d)
 
     def forward(self, x, **_: Any):
         h = self.encoder(x.mean(1))  # [b, n, d]
-        return self.explode(h)
+        return self.head(h)
 
 
 class ChannelsFirst(nn.Module):
@@ -83,28 +90,30 @@ def test_forward_features_without_feature_dim(empty_registry):
 
 
 # --------------------------------------------------------------------------- tap
-def test_tap_uses_the_named_submodule_and_stops_there(empty_registry):
+def test_tap_uses_the_named_submodule(empty_registry):
+    """The whole forward runs (so that a module called twice is noticed); the features are
+    the tapped output, and the gradient reaches the encoder, not the head."""
     torch.manual_seed(0)
     user = Encoded()
     model = BalancedTransfer(user, tap="encoder", feature_dim=6, registry=empty_registry, **PLAIN)
     x = _x()
     z = model.net.forward_features(x)
-    assert z.shape == (3, 5, 6)
+    assert z.shape == (3, 5, 6) and user.head.calls == 1
     assert torch.allclose(z, user.encoder(x.mean(1)))
-    out = model(x)  # Exploding would raise if the forward went on after the tap
+    out = model(x)
     assert out.shape == (3, 1, 5, 1)
     out.sum().backward()
     assert user.encoder[0].weight.grad is not None and user.encoder[0].weight.grad.abs().sum() > 0
-    with pytest.raises(RuntimeError, match="past the tap"):
-        user(x)  # the model itself is untouched: the hook is gone after the tap
-    assert not user.encoder._forward_hooks
+    assert user.head.lin.weight.grad is None
+    assert not user.encoder._forward_hooks  # the hook is gone after the tap
 
 
 def test_tap_of_nested_submodule_and_tuple_output():
-    tap = TapFeatures(RegionGRU(), "gru", feature_dim=4)
-    x = _x()
-    out = tap.forward_features(x)  # GRU returns (output, h): the first element is taken
-    assert out.shape == (3 * 5, 4, 4)
+    with pytest.raises(BackboneContractError, match="tap_select"):  # GRU returns (output, h)
+        TapFeatures(RegionGRU(), "gru", feature_dim=4).forward_features(_x())
+    tap = TapFeatures(RegionGRU(), "gru", feature_dim=4, select=0, reduce_time="mean",
+                      rearrange="(b n) t d -> b t n d")
+    assert tap.forward_features(_x()).shape == (3, 5, 4)
     nested = TapFeatures(Encoded(), "encoder.0", feature_dim=6)
     assert nested.forward_features(_x()).shape == (3, 5, 6)
 
@@ -120,7 +129,7 @@ def test_tap_of_unknown_submodule_lists_the_available_ones():
         TapFeatures(Encoded(), "decoder", feature_dim=6)
     message = str(info.value)
     assert "'decoder'" in message
-    for name in ("encoder", "encoder.0", "explode"):
+    for name in ("encoder", "encoder.0", "head"):
         assert name in message
 
 

@@ -348,7 +348,7 @@ def test_failed_run_keeps_previous_results_intact(tmp_path):
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     """The results are written through a temp file + os.replace: a crash mid-write leaves no trace."""
-    from stbat_plugin import results
+    from stbat_plugin import _io, results
 
     out = tmp_path / "out"
     out.mkdir()
@@ -357,7 +357,7 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(results.os, "replace", disk_full)
+    monkeypatch.setattr(_io.os, "replace", disk_full)
     rows = [{"method": "ha", "sources": "a", "target": "b", "train_days": 3, "channel": "mean",
              "seed": 0, "rmse": 1.0, "mae": 0.5}]
     with pytest.raises(OSError):

@@ -161,3 +161,16 @@ def test_span_of_takes_one_span_or_per_city_spans():
     for bad in ("a=2019-13-45:", "=2019-01-01:", "a=2019", "2019-01-01"):
         with pytest.raises(CityDataError):
             span_of(bad, "a")
+
+
+@pytest.mark.parametrize("names", [["mean"], ["a", "a"], [" "]])
+def test_reserved_duplicate_or_empty_channel_names_are_refused(names):
+    from _data_synth import city_arrays, hourly_stamps
+
+    from stbat_plugin.data import CityDataError, city_from_arrays
+
+    c = len(names)
+    arrays = city_arrays(flow=np.ones((48, 3, c), np.float32), timestamps=hourly_stamps(48),
+                         channels=np.array(names))
+    with pytest.raises(CityDataError, match="'mean'"):
+        city_from_arrays("x", arrays)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -18,6 +19,7 @@ from stbat_plugin import (
     TapFeatures,
     build_plugin_manager,
 )
+from stbat_plugin.testing import check_backbone
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -71,3 +73,35 @@ def test_family_plugin_claims_every_subclass_and_nothing_else(family, empty_regi
     with pytest.raises(BackboneContractError, match="stbat_adapt_backbone"):
         BalancedTransfer(family.TheirMLPNet(), registry=empty_registry,
                          region_features=nyc_taxi.poi)
+
+
+def test_foreign_forward_x_model_passes_check_backbone(foreign):
+    """Old: ``TypeError: forward() got an unexpected keyword argument 'edge_index'``."""
+    report = check_backbone(foreign.TheirForecaster(in_channels=1), tap="encoder", feature_dim=32,
+                            tap_rearrange="b d n -> b n d")
+    assert report.unreached == ("head.weight", "head.bias")
+
+
+def test_defect_family_model_inside_pretrain_gets_no_graph_arguments(family, nyc_taxi):
+    """Old: ``TheirMLPNet.forward(x)`` got ``edge_index`` inside ``methods.pretrain("stbat")``."""
+    registry = BackboneRegistry(build_plugin_manager(plugins=[family.TheirFamilyPlugin()]))
+    model = BalancedTransfer(family.TheirMLPNet(), registry=registry, out_channels=2,
+                             region_features=nyc_taxi.poi)
+    x, y = nyc_taxi.batch(size=4)
+    losses = model.train_iteration(x, y, model.configure_optimizers(),
+                                   edge_index=nyc_taxi.edge_index)
+    assert math.isfinite(losses.total)
+
+
+def _docs_section_blocks(title: str) -> list[str]:
+    text = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    start = text.index(f"## {title}\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_docs_wrapping_snippets_run():
+    blocks = _docs_section_blocks("Wrapping a model you did not write")
+    assert len(blocks) >= 3
+    for code in blocks:
+        exec(compile(code, "docs/plugins.md", "exec"), {})

@@ -347,7 +347,14 @@ def test_plan_is_grid_x_tasks_x_seeds_x_methods(tmp_path):
                                                          u.variant.options["window"])
         assert u.config.val_days == (4 if u.task.name == "bike2mel" else 3)
         assert u.train_days == ((3,) if u.method == "ha" else (3, 0))  # no zero-shot HA
-    assert units[5].cache_name == "nyc2mel__normalize=none,window=6__persistence__seed3.pt"
+    # seed-major: a run stopped early holds every task and variant of the seeds it finished
+    assert units[5].cache_name == "nyc2mel__normalize=none,window=12__persistence__seed0.pt"
+    seeds = [u.seed for u in units]
+    assert seeds == sorted(seeds)
+    only = plan(spec, ["bike2mel"], [3])
+    assert {(u.task.name, u.seed) for u in only} == {("bike2mel", 3)} and len(only) == 4 * 2
+    with pytest.raises(ValueError, match="subset"):
+        plan(spec, None, [1])
 
 
 def test_a_grid_run_with_data_dir_override_and_a_missing_variant_in_the_report(tmp_path):

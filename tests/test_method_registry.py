@@ -118,3 +118,11 @@ def test_empty_or_unknown_method_lists_are_usage_errors(tmp_path, methods):
     code, _, err = run_cli(["transfer", "--data-dir", TINY, "--source", "nyc_bike", "--target",
                             "melbourne_pedestrian", "--out", tmp_path, "--methods", methods])
     assert code == 2 and ("--methods" in err or "unknown method" in err)
+
+
+def test_meaningless_runs_are_refused_before_training():
+    with pytest.raises(ValueError, match="nothing to run"):
+        api.transfer(TINY, ["nyc_bike"], "melbourne_pedestrian", seeds=0,
+                     config=tiny_config(), progress=False)
+    with pytest.raises(ValueError, match="max_batches_per_epoch"):
+        tiny_config(max_batches_per_epoch=0)

@@ -188,7 +188,7 @@ def city_from_arrays(name: str, arrays: Mapping[str, np.ndarray], path: str = ""
         flow=flow,
         timestamps=timestamps,
         interval_minutes=v.check_interval(timestamps, arrays, where),
-        channels=v.check_names(arrays, "channels", c, "ch", where),
+        channels=v.check_channel_names(arrays, c, where),
         region_ids=np.asarray(v.check_names(arrays, "region_ids", n, "", where), dtype=str),
         observed=v.check_observed(arrays, (t, n), where),
         coords=v.check_matrix(arrays, "coords", (n, 2), where, dtype=np.float64),

@@ -137,6 +137,18 @@ def check_names(
     return tuple(str(v) for v in values.tolist())
 
 
+def check_channel_names(arrays: Mapping[str, np.ndarray], size: int, where: str) -> tuple[str, ...]:
+    """Channel names: distinct, non-empty, and not ``mean`` (the results' average over channels)."""
+    names = check_names(arrays, "channels", size, "ch", where)
+    bad = [n for n in names if not n.strip() or n == "mean"]
+    if bad or len(set(names)) != len(names):
+        raise CityDataError(
+            f"{where}: 'channels' must be distinct, non-empty names other than 'mean' (the "
+            f"results use 'mean' for the average over channels), got {list(names)}; rename them."
+        )
+    return names
+
+
 def check_observed(
     arrays: Mapping[str, np.ndarray], shape: tuple[int, int], where: str
 ) -> np.ndarray:
