@@ -229,13 +229,14 @@ def _missing_lines(group: list[dict[str, Any]], want: dict[tuple[str, int], set[
     have: dict[tuple[str, int], set[int]] = defaultdict(set)
     for r in group:
         have[(r["method"], r["train_days"])].add(r["seed"])
-    lines = []
+    found: dict[tuple[int, tuple[int, ...]], list[str]] = defaultdict(list)
     for (method, days), seeds in sorted(want.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
-        missing = sorted(seeds - have[(method, days)])
+        missing = tuple(sorted(seeds - have[(method, days)]))
         if missing:
-            lines.append(f"- {method}, {days}-day: {len(seeds) - len(missing)} of {len(seeds)} "
-                         f"seed(s); missing seed(s) {missing}")
-    return lines
+            found[(len(seeds), missing)].append(f"{method} {days}-day")
+    return [f"- {'every method and setting' if len(settings) == len(want) else ', '.join(settings)}"
+            f": {n - len(missing)} of {n} seed(s); missing seed(s) {list(missing)}"
+            for (n, missing), settings in found.items()]
 
 
 # ----------------------------------------------------------------------------- the report
