@@ -22,6 +22,7 @@ from torch import nn
 
 from stbat_plugin import BalancedTransfer, TapFeatures
 from stbat_plugin.data import load_city
+from stbat_plugin.testing import smoke_train
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 
@@ -49,11 +50,7 @@ def main(root: str | Path = DATA, steps: int = 2) -> dict[str, list[float]]:
         profile = flow[: 24 * 7].reshape(7, 24, -1).mean(0).t()  # [n, 24] temporal profiles
         graph = {"grid_shape": tuple(city.grid_shape)} if city.grid_shape is not None else {}
         stbat = BalancedTransfer(model, **glue, region_features=profile)
-        optimizers = stbat.configure_optimizers(lr=1e-3)
-        for step in range(steps):
-            idx = torch.arange(8) + 8 * step
-            x, y = torch.stack([flow[i:i + 6] for i in idx]), flow[idx + 6].unsqueeze(1)
-            totals.setdefault(name, []).append(stbat.train_iteration(x, y, optimizers, **graph).total)
+        totals[name] = smoke_train(stbat, flow, steps=steps, **graph)
         print(f"{name}: totals {[round(v, 4) for v in totals[name]]}")
     return totals
 

@@ -20,6 +20,7 @@ from x_transformers import ContinuousTransformerWrapper, Encoder
 
 from stbat_plugin import BalancedTransfer
 from stbat_plugin.data import load_city
+from stbat_plugin.testing import smoke_train
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
 
@@ -48,11 +49,7 @@ def main(root: str | Path = DATA, steps: int = 2) -> dict[str, list[float]]:
     totals: dict[str, list[float]] = {}
     for name, (model, glue) in wrapped().items():
         stbat = BalancedTransfer(model, **glue, region_features=torch.from_numpy(city.poi))
-        optimizers = stbat.configure_optimizers(lr=1e-3)
-        for step in range(steps):
-            idx = torch.arange(8) + 8 * step
-            x, y = torch.stack([flow[i:i + 6] for i in idx]), flow[idx + 6].unsqueeze(1)
-            totals.setdefault(name, []).append(stbat.train_iteration(x, y, optimizers).total)
+        totals[name] = smoke_train(stbat, flow, steps=steps)
         print(f"{name}: totals {[round(v, 4) for v in totals[name]]}")
     return totals
 

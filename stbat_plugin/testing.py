@@ -27,7 +27,7 @@ from stbat_plugin.preflight import (
     user_model,
 )
 
-__all__ = ["BackboneReport", "check_backbone", "ring_graph"]
+__all__ = ["BackboneReport", "check_backbone", "ring_graph", "smoke_train"]
 
 #: default tolerance of the permutation check, by dtype
 ATOL = {torch.float64: 1e-5, torch.float32: 1e-4}
@@ -265,3 +265,23 @@ def _check_permutation(net: PredictionNetwork, case: _Case, n: int, atol: float)
         net.train()
     assert torch.allclose(z[:, perm], z_perm, atol=atol, rtol=atol), \
         f"not node-permutation equivariant (max difference {(z[:, perm] - z_perm).abs().max():.2e})"
+
+
+def smoke_train(model: Any, flow: Tensor, *, steps: int = 2, batch: int = 8, window: int = 6,
+                **graph: Any) -> list[float]:
+    """A few :meth:`BalancedTransfer.train_iteration` steps on consecutive real windows.
+
+    Step ``k`` trains on the ``batch`` windows starting at ``k * batch`` (inputs of
+    ``window`` steps, the next step as target); returns the total loss of each step.
+
+    Shapes:
+        flow: ``[T, n, c]`` scaled flow of one city, ``T > steps * batch + window``.
+    """
+    optimizers = model.configure_optimizers(lr=1e-3)
+    totals = []
+    for step in range(steps):
+        idx = torch.arange(batch) + batch * step
+        x = torch.stack([flow[i:i + window] for i in idx])
+        y = flow[idx + window].unsqueeze(1)
+        totals.append(model.train_iteration(x, y, optimizers, **graph).total)
+    return totals

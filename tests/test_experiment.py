@@ -377,7 +377,7 @@ def test_a_grid_run_with_data_dir_override_and_a_missing_variant_in_the_report(t
     md = report(tmp_path / "out")
     assert md.startswith("# Experiment grid") and "## nyc2mel — window=6" in md
     assert ("## nyc2mel — window=12\n\nNo results yet.\n\n"
-            "- persistence, 3-day: 0 of 1 seed(s); missing seed(s) [0]") in md
+            "- every method and setting: 0 of 1 seed(s); missing seed(s) [0]") in md
 
 
 # --------------------------------------------------------------------------- the report
@@ -450,7 +450,7 @@ def test_stbat_report_renders_tables_the_test_and_what_is_incomplete(tmp_path):
     p = scipy.stats.wilcoxon([x for x, _ in pairs], [y for _, y in pairs])
     assert f"| stbat | 3 | 6 | -0.7500 | 5 / 1 / 0 | {p.pvalue:.3g} (n=12) |" in md
     assert "| stbat | 0 | 6 | +0.0000 | 0 / 0 / 6 | n/a (only 0 non-zero region pair(s)" in md
-    assert "**Incomplete**" in md and "- persistence, 3-day: 2 of 3 seed(s); missing seed(s) [2]" in md
+    assert "**Incomplete**" in md and "- persistence 3-day: 2 of 3 seed(s); missing seed(s) [2]" in md
 
 
 def _region_pairs_of(rows: list[dict], days: int) -> list[tuple[float, float]]:
