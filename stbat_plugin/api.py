@@ -271,8 +271,7 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
 def region_volume(task: CityTask) -> list[float | None]:
     """Mean observed flow of each region (channels summed) over the target's scaler-fit slice
     (training days; validation days in zero-shot); ``None`` where nothing was observed."""
-    split = task.split
-    sl = split.train if split.train.stop > split.train.start else split.val
+    sl = task.fit_slice
     flow = task.city.flow[sl].sum(-1, dtype=np.float64)
     obs = task.city.observed[sl]
     count = obs.sum(0)

@@ -134,7 +134,7 @@ def _adapt_pretrained(net: nn.Module | None, task: CityTask, config: TransferCon
     if net is None:
         raise ValueError("a pre-trained method needs its pre-trained network")
     info: dict[str, Any] = {}
-    if task.split.train.stop > task.split.train.start:
+    if task.has_training_days:
         net, fit = finetune(net, task, config, seed, progress=progress)
         info = {"finetune_best_epoch": fit.best_epoch, "finetune_epochs": fit.epochs_run}
     return _deep_forecast(net, task, config, info)
@@ -157,8 +157,7 @@ def riam_target_density(model: Any, task: CityTask, kind: str) -> dict[str, Any]
     city = task.city
     if riam is None or (kind == "poi" and city.poi is None):
         return {}
-    sl = task.split.train if task.split.train.stop > task.split.train.start else task.split.val
-    (desc,), _ = region_descriptors([city], [sl], kind=kind)
+    (desc,), _ = region_descriptors([city], [task.fit_slice], kind=kind)
     valid = task.region_mask
     if valid.sum() < 2 or desc.values.shape[1] != riam.encoder[0].in_features:
         return {}
@@ -184,8 +183,7 @@ def _classical_forecast(task: CityTask, sl: slice, pred: np.ndarray,
                         info: dict[str, Any] | None = None) -> Forecast:
     """``[T', n, c]`` one-step forecasts of ``sl`` -> a :class:`Forecast` ``[T', 1, n, c]``."""
     city = task.city
-    mask = city.observed[sl][..., None] & task.region_mask[None, :, None]
-    mask = np.broadcast_to(mask, pred.shape)
+    mask = np.broadcast_to(task.cell_mask(sl), pred.shape)
     return Forecast(torch.as_tensor(pred[:, None]), torch.as_tensor(city.flow[sl][:, None]),
                     torch.as_tensor(mask[:, None].copy()), info or {})
 
@@ -210,7 +208,7 @@ def _seasonal(net, task, config, seed, registry, progress) -> Forecast:
         if start >= val.stop:
             continue
         pred = classical.seasonal_naive(city, slice(start, val.stop), lag)
-        mask = city.observed[start:val.stop][..., None] & task.region_mask[None, :, None]
+        mask = task.cell_mask(slice(start, val.stop))
         err = (pred - city.flow[start:val.stop]) ** 2
         scores[lag] = float(np.sqrt(err[np.broadcast_to(mask, err.shape)].mean()))
     if not scores:

@@ -109,8 +109,7 @@ def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed:
     device = config.device
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model, net, step = spec.pretrain(sources, config, descriptors, registry)
-    model.to(device)
+    model, net, step = spec.pretrain(sources, config, descriptors, registry)  # on the device
     trainer = Trainer(max_epochs=config.max_epochs, patience=config.patience,
                       progress=progress, desc=f"pretrain {method}",
                       on_improve=None if on_improve is None else (lambda _m: on_improve(net)))

@@ -119,9 +119,13 @@ class PredictionNetwork(nn.Module):
             z = self._features(x, graph)
             return self.forward_head(z), z
         c = self.out_channels
-        offset, scale = window_norm(_check_x(x)[..., :c], self.normalize)
-        series = (x[..., :c] - offset) / scale
-        z = self._features(torch.cat([series, x[..., c:]], dim=-1), graph)
+        if self.normalize == "none":
+            series, x_in = _check_x(x)[..., :c], x
+        else:
+            offset, scale = window_norm(_check_x(x)[..., :c], self.normalize)
+            series = (x[..., :c] - offset) / scale
+            x_in = torch.cat([series, x[..., c:]], dim=-1)
+        z = self._features(x_in, graph)
         out = self.forward_head(z)
         if self.skip is not None:
             if series.shape[1] != self.window:
@@ -129,7 +133,7 @@ class PredictionNetwork(nn.Module):
                                  f"(got {list(x.shape)})")
             ar = self.skip(einops.rearrange(series, "b t n c -> b n c t"))
             out = out + einops.rearrange(ar, "b n c s -> b s n c")
-        return out * scale + offset, z
+        return (out, z) if self.normalize == "none" else (out * scale + offset, z)
 
     def _features(self, x: Tensor, graph: dict[str, Any]) -> Tensor:
         graph = dict(graph)

@@ -59,6 +59,19 @@ class CityTask:
     def name(self) -> str:
         return self.city.name
 
+    @property
+    def has_training_days(self) -> bool:
+        return self.split.train.stop > self.split.train.start
+
+    @property
+    def fit_slice(self) -> slice:
+        """Where the scaler was fitted: the training slice, or validation in zero-shot."""
+        return self.split.train if self.has_training_days else self.split.val
+
+    def cell_mask(self, sl: slice) -> np.ndarray:
+        """Cells that count in ``sl``: observed and in a valid region. Shapes: -> [T', n, 1]."""
+        return self.city.observed[sl][..., None] & self.region_mask[None, :, None]
+
     def dataset(self, part: str) -> WindowDataset:
         """Windows of ``"train"``, ``"val"`` or ``"test"`` (training stays inside its slice)."""
         sl = getattr(self.split, part)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from _examples import load_example
 from torch import nn
 
 from stbat_plugin import (
@@ -21,25 +21,15 @@ from stbat_plugin import (
 )
 from stbat_plugin.testing import check_backbone
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None, f"missing examples/{name}.py"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def foreign() -> ModuleType:
-    return _load("adapt_foreign_model")
+    return load_example("adapt_foreign_model")
 
 
 @pytest.fixture(scope="module")
 def family() -> ModuleType:
-    return _load("plugin_family_adapter")
+    return load_example("plugin_family_adapter")
 
 
 def test_adapt_foreign_model_main_trains(foreign, tiny_data_dir):

@@ -7,31 +7,20 @@ pytorch-tcn (TCN), axial-attention (AxialImageTransformer).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _examples import load_example
 from torch import nn
 from x_transformers import ContinuousTransformerWrapper, Encoder
 
 from stbat_plugin.testing import check_backbone
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None, f"missing examples/{name}.py"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def examples() -> dict[str, ModuleType]:
-    return {name: _load(name) for name in ("wrap_pyg_models", "wrap_x_transformers",
+    return {name: load_example(name) for name in ("wrap_pyg_models", "wrap_x_transformers",
                                            "wrap_tcn_axial")}
 
 
