@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def check_graph_input(name: str, x: Tensor, edge_index: Tensor | None) -> Tensor:
@@ -28,3 +34,47 @@ def check_graph_input(name: str, x: Tensor, edge_index: Tensor | None) -> Tensor
             f"{name}: 'edge_index' refers to node {int(edge_index.max())} but x has n={n} regions"
         )
     return edge_index
+
+
+class GraphCache:
+    """Operators derived from a graph (normalised adjacency, k-hop edges, ...), kept per graph.
+
+    A backbone called with the same ``edge_index`` (and ``edge_weight``) tensor objects as
+    before, unmodified since (same ``_version``), gets the operator built then instead of
+    rebuilding it on every forward. Entries hold the graph tensors themselves, so an id is
+    never reused while cached; the oldest of ``size`` entries is dropped first. Weights
+    that require a gradient are never cached (the operator must stay in the autograd graph).
+
+    Args:
+        size: entries kept (default: ``16``).
+    """
+
+    def __init__(self, size: int = 16):
+        self.size = int(size)
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()
+
+    def get(self, kind: str, edge_index: Tensor, edge_weight: Tensor | None, extra: tuple,
+            build: Callable[[], T]) -> T:
+        """The cached ``build()`` for this graph, ``kind`` and ``extra`` (e.g. ``n``, dtype)."""
+        if edge_weight is not None and edge_weight.requires_grad:
+            return build()
+        key = (kind, id(edge_index), id(edge_weight), extra)
+        versions = (edge_index._version, None if edge_weight is None else edge_weight._version)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is edge_index and entry[1] is edge_weight \
+                and entry[2] == versions:
+            self._entries.move_to_end(key)
+            return entry[3]
+        value = build()
+        self._entries[key] = (edge_index, edge_weight, versions, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+#: the cache shared by the built-in graph backbones
+graph_cache = GraphCache()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-from stbat_backbones._common import check_graph_input
+from stbat_backbones._common import check_graph_input, graph_cache
 from stbat_plugin import hookimpl
 
 
@@ -32,7 +32,11 @@ def gcn_operator(edge_index: Tensor, edge_weight: Tensor | None, n: int, dtype: 
 
 
 class GraphConv(nn.Module):
-    """GCN layer ``Â X W + b`` applied to ``[B, n, d]`` with one shared sparse ``Â``."""
+    """GCN layer ``Â X W + b`` applied to node-major ``[n, B, d]`` with one shared sparse ``Â``.
+
+    Node-major, ``[n, B, d]`` is ``[n, (B d)]`` without a copy, which is what the sparse
+    matmul propagates.
+    """
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -40,14 +44,14 @@ class GraphConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, x: Tensor, a_hat: Tensor) -> Tensor:
-        # x: [B, n, d]
-        h = einops.rearrange(self.lin(x), "B n d -> n (B d)")
-        h = torch.sparse.mm(a_hat, h)
-        return einops.rearrange(h, "n (B d) -> B n d", B=x.shape[0]) + self.bias
+        # x: [n, B, d]
+        h = self.lin(x)
+        h = torch.sparse.mm(a_hat, h.reshape(h.shape[0], -1))
+        return h.view(x.shape[0], x.shape[1], -1) + self.bias
 
 
 class ResidualGraphBlock(nn.Module):
-    """``x + GCN(ReLU(GCN(x)))`` followed by ReLU; x ``[B, n, d]`` with a shared graph."""
+    """``x + GCN(ReLU(GCN(x)))`` followed by ReLU; x ``[n, B, d]`` with a shared graph."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -86,11 +90,12 @@ class GraphSTNet(nn.Module):
         # x: [b, t, n, c]
         edge_index = check_graph_input("GraphSTNet", x, edge_index)
         b, t, n, _ = x.shape
-        a_hat = gcn_operator(edge_index, edge_weight, n, x.dtype)
-        f = F.relu(self.stem(einops.rearrange(x, "b t n c -> (b t) n c")))
+        a_hat = graph_cache.get("gcn", edge_index, edge_weight, (n, x.dtype, x.device),
+                                lambda: gcn_operator(edge_index, edge_weight, n, x.dtype))
+        f = F.relu(self.stem(einops.rearrange(x, "b t n c -> n (b t) c")))
         for block in self.blocks:
             f = block(f, a_hat)
-        seq = einops.rearrange(f, "(b t) n d -> (b n) t d", b=b, t=t)
+        seq = einops.rearrange(f, "n (b t) d -> (b n) t d", b=b, t=t)
         _, (h_n, _) = self.lstm(seq)
         return einops.rearrange(h_n[-1], "(b n) d -> b n d", b=b, n=n)
 

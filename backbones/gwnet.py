@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj
 
-from stbat_backbones._common import check_graph_input
+from stbat_backbones._common import check_graph_input, graph_cache
 from stbat_backbones._temporal import CausalConv
 from stbat_plugin import hookimpl
 
@@ -165,7 +165,10 @@ class GraphWaveNet(nn.Module):
         # x: [b, t, n, c]
         edge_index = check_graph_input("GraphWaveNet", x, edge_index)
         h = self.start(x)
-        supports = transition_matrices(edge_index, edge_weight, x.shape[2], h.dtype)
+        n = x.shape[2]
+        supports = list(graph_cache.get(
+            "gwnet", edge_index, edge_weight, (n, h.dtype, h.device),
+            lambda: transition_matrices(edge_index, edge_weight, n, h.dtype)))
         if self.adaptive is not None:
             supports.append(self.adaptive(h))
         skip = 0.0

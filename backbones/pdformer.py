@@ -18,12 +18,24 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import to_dense_adj
+from torch.utils.checkpoint import checkpoint
 
-from stbat_backbones._common import check_graph_input
+from stbat_backbones._common import check_graph_input, graph_cache
 from stbat_plugin import hookimpl
 
 logger = logging.getLogger(__name__)
+
+#: ``spatial_attention`` values of :class:`PDFormer`
+SPATIAL_ATTENTION = ("auto", "dense", "sparse")
+#: ``"auto"`` attends over edge lists when fewer than one pair in this many is a neighbour
+#: pair: on CPU one gathered edge costs about as much as 30 entries of dense masked attention
+#: (``benchmarks/bench_pdformer.py``), and the dense mask itself is ``[n, n]``
+SPARSE_BELOW_DENSITY = 1 / 32
+#: rows of the correlation matrix per block in :func:`semantic_neighbours`
+SEMANTIC_BLOCK = 2048
+#: bytes of the gathered ``[E, rows, e]`` keys per block of the sparse attention (memory bound)
+EDGE_BLOCK_BYTES = 1 << 27
+
 
 def sinusoidal_positions(t: int, d: int, like: Tensor) -> Tensor:
     """Fixed sine/cosine positions ``[t, d]`` (no parameters, so any window length works)."""
@@ -36,20 +48,116 @@ def sinusoidal_positions(t: int, d: int, like: Tensor) -> Tensor:
     return out
 
 
+def neighbourhood_edges(edge_index: Tensor, n: int, hops: int = 1) -> Tensor:
+    """Pairs ``(j, i)`` such that region j reaches region i in at most ``hops`` edges.
+
+    Self loops are always included, so every region has a neighbour. Edges run
+    ``source -> target``. Each hop joins the pairs found so far with the one-hop pairs
+    (an index join, no ``[n, n]`` matrix): memory is O(paths), never O(n^2).
+
+    Shapes:
+        edge_index: ``[2, E]`` -> ``[2, E']`` int64 (source, target), sorted by target, then
+        source, without duplicates.
+    """
+    if hops < 1:
+        raise ValueError(f"PDFormer: expected hops >= 1 (got {hops})")
+    loops = torch.arange(n, device=edge_index.device)
+    key = torch.unique(torch.cat([edge_index[1] * n + edge_index[0], loops * n + loops]))
+    step_target, step_source = key // n, key % n  # one hop, sorted by target
+    count = torch.bincount(step_target, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    reach = key
+    for _ in range(hops - 1):  # (j -> m) in one hop and (m -> i) so far: (j -> i)
+        middle, target = reach % n, reach // n
+        fan = count[middle]
+        offset = torch.arange(int(fan.sum()), device=key.device) - \
+            torch.repeat_interleave(torch.cumsum(fan, 0) - fan, fan)
+        source = step_source[torch.repeat_interleave(start[middle], fan) + offset]
+        reach = torch.unique(torch.repeat_interleave(target, fan) * n + source)
+    return torch.stack([reach % n, reach // n])
+
+
 def neighbourhood_mask(edge_index: Tensor, n: int, hops: int = 1) -> Tensor:
     """``mask[i, j]`` is True when region j reaches region i in at most ``hops`` edges.
 
-    Self loops are always included, so no row is empty. Edges run ``source -> target``.
+    The dense form of :func:`neighbourhood_edges` (self loops included, so no row is empty).
 
     Shapes:
         edge_index: ``[2, E]`` -> ``[n, n]`` bool.
     """
-    adj = to_dense_adj(edge_index, max_num_nodes=n)[0].T  # [target, source]
-    step = ((adj > 0) | torch.eye(n, dtype=torch.bool, device=adj.device)).float()
-    reach = step
-    for _ in range(hops - 1):
-        reach = (reach @ step).clamp(max=1.0)
-    return reach > 0
+    source, target = neighbourhood_edges(edge_index, n, hops)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=edge_index.device)
+    mask[target, source] = True
+    return mask
+
+
+class Neighbourhood:
+    """Whom each region attends to: the pairs ``(source, target)`` and, for dense attention,
+    the ``[n, n]`` mask (None for attention over the edge list).
+
+    Args:
+        edges: ``[2, E]`` from :func:`neighbourhood_edges`. n: regions.
+        mode: ``"dense"``, ``"sparse"``, or ``"auto"`` (sparse when fewer than
+            :data:`SPARSE_BELOW_DENSITY` of the ``n^2`` pairs are neighbours).
+    """
+
+    def __init__(self, edges: Tensor, n: int, mode: str = "auto"):
+        if mode not in SPATIAL_ATTENTION:
+            raise ValueError(f"PDFormer: expected spatial_attention in {list(SPATIAL_ATTENTION)} "
+                             f"(got {mode!r})")
+        self.edges, self.n = edges, n
+        sparse = mode == "sparse" or (mode == "auto" and edges.shape[1] < SPARSE_BELOW_DENSITY * n * n)
+        self.mask: Tensor | None = None
+        if not sparse:
+            self.mask = torch.zeros(n, n, dtype=torch.bool, device=edges.device)
+            self.mask[edges[1], edges[0]] = True
+
+
+def edge_attention(q: Tensor, k: Tensor, v: Tensor, edges: Tensor) -> Tensor:
+    r"""Attention of each region over its neighbours only, on node-major tensors.
+
+    .. math::
+        o_i = \sum_{j \in N(i)} \mathrm{softmax}_{j \in N(i)}\Big(\frac{q_i \cdot k_j}{\sqrt e}\Big) v_j
+
+    the same as ``scaled_dot_product_attention`` with the mask of :func:`neighbourhood_mask`,
+    with O(E) instead of O(n^2) work and memory per row. Every region must have a neighbour
+    (the self loops of :func:`neighbourhood_edges`).
+
+    Shapes:
+        q, k, v: ``[n, M, e]`` (``M`` = batch x steps x heads); edges: ``[2, E]`` (source,
+        target) -> ``[n, M, e]``.
+    """
+    source, target = edges
+    n, m = q.shape[0], q.shape[1]
+    scores = (q.index_select(0, target) * k.index_select(0, source)).sum(-1) * q.shape[-1] ** -0.5
+    peak = scores.new_full((n, m), -math.inf).scatter_reduce_(
+        0, target[:, None].expand(-1, m), scores.detach(), "amax")
+    weight = (scores - peak.index_select(0, target)).exp()  # [E, M]
+    total = torch.zeros_like(peak).index_add(0, target, weight)
+    alpha = weight / total.index_select(0, target)
+    return torch.zeros_like(v).index_add(0, target, alpha.unsqueeze(-1) * v.index_select(0, source))
+
+
+def blocked_edge_attention(q: Tensor, k: Tensor, v: Tensor, edges: Tensor) -> Tensor:
+    """:func:`edge_attention` over blocks of the ``M`` axis, each gathering at most
+    :data:`EDGE_BLOCK_BYTES`; with gradients, each block is recomputed in the backward pass
+    (activation checkpointing), so the ``[E, M, e]`` gathers of all blocks never coexist.
+
+    Shapes:
+        as :func:`edge_attention`.
+    """
+    m = q.shape[1]
+    per_row = 4 * edges.shape[1] * q.shape[2] * q.element_size()  # gathered q, k, v, product
+    rows = max(1, EDGE_BLOCK_BYTES // max(per_row, 1))
+    if rows >= m:
+        return edge_attention(q, k, v, edges)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    outs = []
+    for start in range(0, m, rows):
+        part = (q[:, start:start + rows], k[:, start:start + rows], v[:, start:start + rows])
+        outs.append(checkpoint(edge_attention, *part, edges, use_reentrant=False) if grad
+                    else edge_attention(*part, edges))
+    return torch.cat(outs, dim=1)
 
 
 def semantic_neighbours(train_flow: Tensor, k: int, steps_per_day: int) -> Tensor:
@@ -68,10 +176,14 @@ def semantic_neighbours(train_flow: Tensor, k: int, steps_per_day: int) -> Tenso
     profile = einops.rearrange(flow, "s n c -> n (s c)")
     profile = profile - profile.mean(dim=1, keepdim=True)
     unit = profile / profile.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    corr = unit @ unit.T  # constant profiles get correlation 0 with everyone
-    corr.fill_diagonal_(-math.inf)
     kk = min(k, n - 1)
-    source = corr.topk(kk, dim=1).indices  # [n, k']
+    blocks = []
+    for start in range(0, n, SEMANTIC_BLOCK):  # [block, n] at a time, never [n, n] for large n
+        corr = unit[start:start + SEMANTIC_BLOCK] @ unit.T  # constant profiles: 0 with everyone
+        rows = torch.arange(corr.shape[0], device=corr.device)
+        corr[rows, rows + start] = -math.inf
+        blocks.append(corr.topk(kk, dim=1).indices)
+    source = torch.cat(blocks)  # [n, k']
     target = torch.arange(n, device=flow.device).repeat_interleave(kk)
     return torch.stack([source.reshape(-1), target]).to(train_flow.device)
 
@@ -107,9 +219,11 @@ class PatternMemory(nn.Module):
 class PDAttention(nn.Module):
     """Temporal, geographic and semantic self-attention heads, concatenated and projected.
 
+    Spatial heads attend with the dense mask of their :class:`Neighbourhood`, or over its
+    edge list (:func:`blocked_edge_attention`) when it has none.
+
     Shapes:
-        h: ``[b, t, n, d]``, key_bias ``[b, t, n, geo_heads * head_dim]``, masks ``[n, n]``
-        bool -> ``[b, t, n, d]``.
+        h: ``[b, t, n, d]``, key_bias ``[b, t, n, geo_heads * head_dim]`` -> ``[b, t, n, d]``.
     """
 
     def __init__(self, d_model: int, heads: dict[str, int]):
@@ -120,19 +234,26 @@ class PDAttention(nn.Module):
                                   for kind, h in self.heads.items()})
         self.proj = nn.Linear(sum(self.heads.values()) * self.head_dim, d_model)
 
-    def forward(self, h: Tensor, key_bias: Tensor, geo_mask: Tensor, sem_mask: Tensor) -> Tensor:
+    def forward(self, h: Tensor, key_bias: Tensor, geo: Neighbourhood, sem: Neighbourhood
+                ) -> Tensor:
         # h: [b, t, n, d]
         b, t, n, _ = h.shape
         outs = []
         for kind, heads in self.heads.items():
-            axes = "(b n) h t e" if kind == "temporal" else "(b t) h n e"
+            hood = {"temporal": None, "geo": geo, "sem": sem}[kind]
+            sparse = hood is not None and hood.mask is None
+            axes = "(b n) h t e" if kind == "temporal" else "n (b t h) e" if sparse else \
+                "(b t) h n e"
             q, k, v = (einops.rearrange(part, f"b t n (h e) -> {axes}", h=heads)
                        for part in self.qkv[kind](h).chunk(3, dim=-1))
             if kind == "geo":
                 k = k + einops.rearrange(key_bias, f"b t n (h e) -> {axes}", h=heads)
-            mask = {"temporal": None, "geo": geo_mask, "sem": sem_mask}[kind]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            outs.append(einops.rearrange(out, f"{axes} -> b t n (h e)", b=b, t=t, n=n))
+            if sparse:
+                out = blocked_edge_attention(q, k, v, hood.edges)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v,
+                                                     attn_mask=None if hood is None else hood.mask)
+            outs.append(einops.rearrange(out, f"{axes} -> b t n (h e)", b=b, t=t, n=n, h=heads))
         return self.proj(torch.cat(outs, dim=-1))
 
 
@@ -147,8 +268,9 @@ class PDLayer(nn.Module):
                                  nn.Dropout(dropout), nn.Linear(mlp_ratio * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, key_bias: Tensor, geo_mask: Tensor, sem_mask: Tensor) -> Tensor:
-        h = h + self.drop(self.attn(self.norm1(h), key_bias, geo_mask, sem_mask))
+    def forward(self, h: Tensor, key_bias: Tensor, geo: Neighbourhood, sem: Neighbourhood
+                ) -> Tensor:
+        h = h + self.drop(self.attn(self.norm1(h), key_bias, geo, sem))
         return h + self.drop(self.mlp(self.norm2(h)))
 
 
@@ -163,8 +285,10 @@ class PDFormer(nn.Module):
     it (e.g. in ``check_backbone``, or a zero-shot city with no training flow) the semantic
     heads use the geographic mask. PDFormer's Laplacian-eigenvector and time-of-day
     embeddings are dropped: there are no per-node parameters, so one model runs on cities
-    of any size; positions in the window are fixed sinusoids. Memory is
-    :math:`O(b\,t\,n^2)`, fine for ``n`` up to about 1000.
+    of any size; positions in the window are fixed sinusoids. Spatial heads attend either
+    with a dense ``[n, n]`` mask or over the neighbour pairs only (:func:`edge_attention`,
+    O(pairs) work and memory, so cities of many thousand regions fit); both give the same
+    values.
 
     Args:
         in_channels: input channels ``c`` (default: ``1``).
@@ -178,6 +302,9 @@ class PDFormer(nn.Module):
         pattern_len, num_patterns: window and size of the pattern memory (default: ``3``, ``16``).
         mlp_ratio: MLP width over ``d_model`` (default: ``2``). dropout: (default: ``0.0``).
         feature_dim: size ``d`` of the features (default: ``64``).
+        spatial_attention: ``"dense"`` (masked ``[n, n]`` attention), ``"sparse"`` (over the
+            neighbour pairs) or ``"auto"``: sparse when fewer than
+            :data:`SPARSE_BELOW_DENSITY` of all pairs are neighbours (default: ``"auto"``).
 
     Shapes:
         x: ``[b, t, n, c]``, edge_index ``[2, E]``, semantic_index ``[2, E']`` -> ``[b, n, d]``.
@@ -189,8 +316,12 @@ class PDFormer(nn.Module):
                  temporal_heads: int = 2, geo_heads: int = 4, sem_heads: int = 2,
                  geo_hops: int = 2, semantic_k: int = 8, steps_per_day: int = 24,
                  pattern_len: int = 3, num_patterns: int = 16, mlp_ratio: int = 2,
-                 dropout: float = 0.0, feature_dim: int = 64):
+                 dropout: float = 0.0, feature_dim: int = 64, spatial_attention: str = "auto"):
         super().__init__()
+        if spatial_attention not in SPATIAL_ATTENTION:
+            raise ValueError(f"PDFormer: expected spatial_attention in {list(SPATIAL_ATTENTION)} "
+                             f"(got {spatial_attention!r})")
+        self.spatial_attention = spatial_attention
         heads = {"temporal": temporal_heads, "geo": geo_heads, "sem": sem_heads}
         if min(heads.values()) < 0 or geo_heads < 1 or d_model % sum(heads.values()):
             raise ValueError(
@@ -233,18 +364,25 @@ class PDFormer(nn.Module):
         # x: [b, t, n, c]
         edge_index = check_graph_input("PDFormer", x, edge_index)
         t, n = x.shape[1], x.shape[2]
-        geo_mask = neighbourhood_mask(edge_index, n, self.geo_hops)
-        sem_mask = geo_mask if semantic_index is None else \
-            neighbourhood_mask(_check_semantic_index(semantic_index, n), n, 1)
+        geo = self._neighbourhood(edge_index, n, self.geo_hops)
+        sem = geo if semantic_index is None else \
+            self._neighbourhood(_check_semantic_index(semantic_index, n), n, 1)
         h = self.embed(x) + sinusoidal_positions(t, self.embed.out_features, x)[:, None]
         key_bias = self.memory(x)
         for layer in self.layers:
-            h = layer(h, key_bias, geo_mask, sem_mask)
+            h = layer(h, key_bias, geo, sem)
         h = self.norm(h)
         return self.out(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1))
 
     def forward(self, x: Tensor, **graph: Any) -> Tensor:
         return self.forward_features(x, **graph)
+
+    def _neighbourhood(self, edge_index: Tensor, n: int, hops: int) -> Neighbourhood:
+        """The ``hops``-hop :class:`Neighbourhood`, built once per graph (``graph_cache``)."""
+        return graph_cache.get(
+            "pdformer", edge_index, None, (n, hops, self.spatial_attention),
+            lambda: Neighbourhood(neighbourhood_edges(edge_index, n, hops), n,
+                                  self.spatial_attention))
 
 
 def _check_semantic_index(semantic_index: Tensor, n: int) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 
-from stbat_backbones._common import check_graph_input
+from stbat_backbones._common import check_graph_input, graph_cache
 from stbat_backbones._temporal import CausalConv
 from stbat_plugin import hookimpl
 
@@ -40,6 +40,53 @@ class TemporalGLU(nn.Module):
         return (p + self.align(x)) * torch.sigmoid(q)
 
 
+class SparseChebConv(ChebConv):
+    r"""torch-geometric's ``ChebConv`` on node-major ``[n, B, c]``, propagating with a sparse matmul.
+
+    The same parameters, normalisation (``ChebConv.__norm__``: the scaled Laplacian
+    :math:`\tilde L = 2L/\lambda_{max} - I`) and Chebyshev recursion
+    :math:`T_0 = X,\ T_1 = \tilde L X,\ T_k = 2\tilde L T_{k-1} - T_{k-2}` as ``ChebConv``; but
+    :math:`\tilde L` is built once per graph (:data:`~stbat_backbones._common.graph_cache`) as a
+    sparse ``[n, n]`` matrix, and every sample and step is propagated by one sparse matmul
+    instead of a gather and scatter over the edges of each.
+
+    Shapes:
+        x: ``[n, B, c_in]``, edge_index ``[2, E]``, edge_weight ``[E]`` -> ``[n, B, c_out]``.
+    """
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None,
+                batch: Tensor | None = None, lambda_max: Tensor | None = None) -> Tensor:
+        # x: [n, B, c]
+        if batch is not None or lambda_max is not None:
+            raise ValueError("SparseChebConv: 'batch' and 'lambda_max' are not supported; "
+                             "use torch_geometric.nn.ChebConv for batched graphs")
+        n = x.shape[0]
+        op = graph_cache.get("cheb", edge_index, edge_weight,
+                             (n, x.dtype, x.device, self.normalization),
+                             lambda: self._operator(edge_index, edge_weight, n, x.dtype))
+
+        def propagate(h: Tensor) -> Tensor:
+            return torch.sparse.mm(op, h.reshape(n, -1)).view(h.shape)
+
+        tx_0, tx_1 = x, x
+        out = self.lins[0](tx_0)
+        if len(self.lins) > 1:
+            tx_1 = propagate(x)
+            out = out + self.lins[1](tx_1)
+        for lin in self.lins[2:]:
+            tx_2 = 2.0 * propagate(tx_1) - tx_0
+            out = out + lin(tx_2)
+            tx_0, tx_1 = tx_1, tx_2
+        return out if self.bias is None else out + self.bias
+
+    def _operator(self, edge_index: Tensor, edge_weight: Tensor | None, n: int,
+                  dtype: torch.dtype) -> Tensor:
+        """Sparse :math:`\tilde L` ``[n, n]``, row = target (``ChebConv``'s messages, summed)."""
+        ei, norm = self.__norm__(edge_index, n, edge_weight, self.normalization, None, dtype=dtype)
+        return torch.sparse_coo_tensor(ei.flip(0), norm.to(dtype), (n, n),
+                                       check_invariants=False).coalesce()
+
+
 class STConvBlock(nn.Module):
     """Temporal GLU -> ChebConv (ReLU) -> temporal GLU -> LayerNorm over channels.
 
@@ -51,7 +98,7 @@ class STConvBlock(nn.Module):
                  cheb_k: int, dropout: float):
         super().__init__()
         self.temporal1 = TemporalGLU(in_channels, channels[0], kernel_size)
-        self.graph = ChebConv(channels[0], channels[1], K=cheb_k)
+        self.graph = SparseChebConv(channels[0], channels[1], K=cheb_k)
         self.temporal2 = TemporalGLU(channels[1], channels[2], kernel_size)
         self.norm = nn.LayerNorm(channels[2])
         self.drop = nn.Dropout(dropout)
@@ -59,9 +106,9 @@ class STConvBlock(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
         # x: [b, t, n, c]
         b = x.shape[0]
-        h = einops.rearrange(self.temporal1(x), "b t n c -> (b t) n c")
+        h = einops.rearrange(self.temporal1(x), "b t n c -> n (b t) c")
         h = F.relu(self.graph(h, edge_index, edge_weight))
-        h = einops.rearrange(h, "(b t) n c -> b t n c", b=b)
+        h = einops.rearrange(h, "n (b t) c -> b t n c", b=b)
         return self.drop(self.norm(self.temporal2(h)))
 
 

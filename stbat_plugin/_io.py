@@ -7,13 +7,14 @@ permissions of a normally created file (``0o666`` less the process umask), not `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "exclusive_folder", "remove_orphan_temps"]
 
 
 def _umask() -> int:
@@ -26,7 +27,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary
     """Write ``path`` atomically with ``write(fh)``; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphan_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w") as fh:
@@ -43,3 +46,53 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda fh: fh.write(text), binary=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists
+        return True
+    return True
+
+
+def remove_orphan_temps(path: str | Path) -> list[Path]:
+    """Delete temporary files of ``path`` left by a killed writer (its pid no longer runs).
+
+    Temporary files are named ``.NAME.PID.RANDOM.tmp``; those of a live process (a writer
+    at work) are kept. Returns the files removed.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+@contextlib.contextmanager
+def exclusive_folder(out: Path, what: str) -> Iterator[None]:
+    """Hold ``OUT/.lock`` (released by the OS even on ``kill -9``): one run per folder."""
+    with open(Path(out) / ".lock", "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover (not POSIX: no lock)
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another {what} is running on --out {out}; wait for it to finish "
+                             "(rerunning the same command then resumes)") from None
+        yield

@@ -135,7 +135,16 @@ class BackboneRegistry:
         return self._specs[name]
 
     def create(self, name: str, **kwargs: Any) -> nn.Module:
-        model = self.get(name).factory(**kwargs)
+        """Build backbone ``name``; a factory that rejects the keyword arguments (unknown
+        name, negative width, wrong type) raises :class:`BackboneArgumentError` naming both."""
+        factory = self.get(name).factory
+        try:
+            model = factory(**kwargs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise BackboneArgumentError(
+                f"backbone {name!r} cannot be built with {kwargs} ({type(err).__name__}: {err}); "
+                "fix --backbone-kwargs (see the backbone's documentation for its arguments)"
+            ) from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"Factory of backbone {name!r} returned {type(model).__name__}, not nn.Module")
         return model
@@ -143,6 +152,10 @@ class BackboneRegistry:
     def adapt(self, model: nn.Module) -> Any:
         """Ask the plugins' ``stbat_adapt_backbone`` hooks (first answer wins)."""
         return self.pm.hook.stbat_adapt_backbone(model=model)
+
+
+class BackboneArgumentError(ValueError):
+    """A backbone factory refused its keyword arguments."""
 
 
 @functools.lru_cache(maxsize=1)

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from stbat_plugin import metrics
+from stbat_plugin import distributed, metrics
 from stbat_plugin._registry import default_registry
-from stbat_plugin.checkpoint import load_checkpoint, save_checkpoint
+from stbat_plugin.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import City, load_city, parse_span, region_descriptors, span_of
 from stbat_plugin.method_registry import get_method, method_names
@@ -32,10 +32,12 @@ from stbat_plugin.methods import (
     pretrain as _pretrain,
 )
 from stbat_plugin.preflight import preflight_methods
+from stbat_plugin.runfolder import RunFolder, check_writable
 from stbat_plugin.tasks import CityTask, source_task, target_task
 
 __all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
-           "transfer", "run_method", "evaluate", "evaluate_forecast", "method_label"]
+           "transfer", "run_method", "evaluate", "evaluate_forecast", "method_label",
+           "check_cities", "check_leakage", "check_device"]
 
 log = logging.getLogger(__name__)
 
@@ -88,31 +90,114 @@ def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferCo
 
 def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
              config: TransferConfig | None = None, seed: int = 0, save: str | Path | None = None,
-             progress: bool = True, registry: Any = None) -> Pretrained:
+             progress: bool = True, registry: Any = None, resume: bool = False,
+             overwrite: bool = False) -> Pretrained:
     """Pre-train ``method`` (stbat, finetune or maml) on the sources; optionally save it.
 
-    ``registry``: the backbone registry (default: the installed plugins). A backbone that
-    cannot run on a source city fails before training (:func:`preflight_methods`).
+    With ``save``, the checkpoint is written after every epoch (atomically): the best
+    network so far plus what continues the run, marked incomplete until the end. An
+    existing file at ``save`` is never replaced unless ``overwrite``; ``resume`` continues
+    the interrupted run saved there (same method, sources, seed and settings), with the
+    result of an uninterrupted run. ``registry``: the backbone registry (default: the
+    installed plugins). A backbone that cannot run on a source city fails before training
+    (:func:`preflight_methods`). Inside :func:`stbat_plugin.distributed.session` (``torchrun``)
+    every process pre-trains its share and rank 0 alone reads and writes ``save``.
     """
     config = config or TransferConfig()
     if not get_method(method).pretrains:
         pre = [m for m in method_names() if get_method(m).pretrains]
         raise ValueError(f"Method {method!r} is not pre-trained; choose from {pre}")
+    check_cities(sources, None)
+    check_device(config.device)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues "
+                         "the run saved in --save, --overwrite starts again; give one")
+    if (resume or overwrite) and save is None:
+        raise ValueError("--resume / --overwrite need --save (the checkpoint file)")
+    previous = None if save is None else distributed.on_rank0(
+        lambda: _previous_run(Path(save), resume, overwrite))
     src = prepare_sources(data_dir, sources, config)
     tasks, descs, kind = src.tasks, src.descriptors, src.kind
     data = {"sources": list(sources), "descriptors": kind, "seed": seed,
             "spans": {t.name: t.city.span for t in tasks},
             "channels": {t.name: list(t.city.channels) for t in tasks}}
+    ctx = distributed.active()
+    if ctx is not None:
+        data["processes"] = ctx.world_size
+    state = None
+    if previous is not None:
+        assert save is not None
+        if previous.get("complete", True):
+            log.info("%s: pre-training already complete; nothing to resume", save)
+            return distributed.on_rank0(lambda: from_checkpoint(save, config, registry))
+        if previous["data"].get("processes", 1) != data.get("processes", 1):
+            raise CheckpointError(f"--resume: {save} was pre-trained with "
+                                  f"{previous['data'].get('processes', 1)} process(es), this run "
+                                  f"has {data.get('processes', 1)}; resume with as many (torchrun "
+                                  "--nproc-per-node)")
+        _check_same_pretraining(Path(save), previous, method, config, data)
+        state = previous["resume"]
+    best: dict[str, Any] = {"state": None}
 
-    def checkpoint(net: nn.Module) -> None:
-        if save is not None:  # best-so-far, atomically: an interrupted run keeps its best model
-            save_checkpoint(save, net.state_dict(), config=config, method=method, data=data)
+    def on_epoch(net: nn.Module, run_state: dict[str, Any]) -> None:
+        loop = run_state["loop"]
+        if best["state"] is None or loop["best_epoch"] == loop["epoch"]:
+            best["state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if save is not None:  # rank 0 writes; the others wait for it (and share its errors)
+            distributed.on_rank0(lambda: save_checkpoint(
+                save, best["state"], config=config, method=method, data=data, complete=False,
+                epoch=loop["epoch"], resume={**run_state, "best_net": best["state"]}))
 
+    if state is not None:
+        best["state"] = state["best_net"]
+    if save is not None:
+        distributed.on_rank0(lambda: check_writable(Path(save).parent, "--save"))
     preflight_methods([method], tasks, config, registry)
     net, fit = _pretrain(method, tasks, config, seed, descs, registry=registry, progress=progress,
-                         on_improve=checkpoint)
-    checkpoint(net)  # the best state, also when epoch 0 (no training) was best
+                         on_epoch=on_epoch, resume=state)
+    if save is not None:  # the best state, also when epoch 0 (no training) was best
+        distributed.on_rank0(lambda: save_checkpoint(
+            save, net.state_dict(), config=config, method=method, data=data, complete=True,
+            epoch=fit.epochs_run))
     return Pretrained(net, method, config, data, fit.epochs_run, fit.seconds, fit.history)
+
+
+def _previous_run(save: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The checkpoint already at ``save`` when resuming; refuse to replace it otherwise."""
+    if save.is_dir():
+        raise IsADirectoryError(f"--save {save} is a directory; give a file path, e.g. "
+                                f"{save / 'model.ckpt'}")
+    if not save.exists():
+        if resume:
+            log.warning("--resume: no checkpoint at %s yet; starting from the beginning", save)
+        return None
+    if overwrite:
+        return None
+    if not resume:
+        raise FileExistsError(f"--save {save} already exists; add --resume to continue that "
+                              "pre-training, --overwrite to replace it, or choose another path")
+    return load_checkpoint(save, allow_incomplete=True)
+
+
+def _check_same_pretraining(save: Path, payload: dict[str, Any], method: str,
+                            config: TransferConfig, data: dict[str, Any]) -> None:
+    from stbat_plugin import __version__
+
+    if "resume" not in payload:
+        raise CheckpointError(f"{save} holds no resume state; use --overwrite to start again")
+    diffs = []
+    if payload["method"] != method:
+        diffs.append(f"method: was {payload['method']!r}, now {method!r}")
+    saved = payload["config"]
+    diffs += [f"{k}: was {saved.get(k)!r}, now {v!r}" for k, v in config.to_dict().items()
+              if saved.get(k) != v]
+    diffs += [f"{k}: was {payload['data'].get(k)!r}, now {v!r}" for k, v in data.items()
+              if payload["data"].get(k) != v]
+    if payload.get("library_version") != __version__:
+        diffs.append(f"library version: was {payload.get('library_version')}, now {__version__}")
+    if diffs:
+        raise CheckpointError(f"--resume: {save} is another pre-training ({'; '.join(diffs[:6])});"
+                              " give the same command, or --overwrite to start again")
 
 
 def from_checkpoint(path: str | Path, config: TransferConfig | None = None,
@@ -123,7 +208,14 @@ def from_checkpoint(path: str | Path, config: TransferConfig | None = None,
                               expect_config=config)
     saved = TransferConfig.from_dict(payload["config"])
     net = get_method(payload["method"]).network(saved, registry)
-    net.load_state_dict(payload["state_dict"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: its weights do not fit the network of its own settings "
+                              f"(method {payload['method']!r}, backbone {saved.backbone!r}, "
+                              f"{saved.backbone_kwargs}): {first}; the file was edited or comes "
+                              "from another library version: pre-train again") from exc
     run_config = replace(config, **saved.model_signature()) if config else saved
     return Pretrained(net, payload["method"], run_config, payload["data"])
 
@@ -131,8 +223,17 @@ def from_checkpoint(path: str | Path, config: TransferConfig | None = None,
 def evaluate(net: nn.Module, task: CityTask, device: str = "cpu") -> dict[str, dict]:
     """Per-channel and mean RMSE / MAE on the target's test windows, in original units."""
     pred, y, mask = predict(net, task, "test", device)
-    return metrics.per_channel_metrics(task.to_original(pred), task.to_original(y), mask,
-                                       list(task.city.channels))
+    result = metrics.per_channel_metrics(task.to_original(pred), task.to_original(y), mask,
+                                         list(task.city.channels))
+    _check_finite_metrics(result, f"city {task.name!r}")
+    return result
+
+
+def _check_finite_metrics(result: dict[str, dict], where: str) -> None:
+    for name, vals in result.items():
+        if not all(np.isfinite(v) for k, v in vals.items() if k in ("rmse", "mae")):
+            raise FloatingPointError(f"{where}, channel {name!r}: non-finite error {vals}; the "
+                                     "model produced NaN or inf forecasts (nothing was written)")
 
 
 def adapt(pretrained: Pretrained | str | Path, data_dir: str | Path, target: str,
@@ -142,6 +243,7 @@ def adapt(pretrained: Pretrained | str | Path, data_dir: str | Path, target: str
     if not isinstance(pretrained, Pretrained):
         pretrained = from_checkpoint(pretrained, config, registry)
     config = config or pretrained.config
+    check_device(config.device)
     task = target_task(load(data_dir, target, config.target_span), train_days, config)
     net = pretrained.net.to(config.device)
     if train_days > 0:
@@ -163,7 +265,8 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
              train_days: list[int] | int = 3, methods: list[str] | None = None,
              seeds: int | list[int] = 1, config: TransferConfig | None = None,
              progress: bool = True, histories: dict | None = None, registry: Any = None,
-             on_rows: Any = None) -> list[dict[str, Any]]:
+             on_rows: Any = None, out: str | Path | None = None, resume: bool = False,
+             overwrite: bool = False, allow_leakage: bool = False) -> list[dict[str, Any]]:
     """Compare methods on one cross-city task; returns result rows (see ``results.py``).
 
     Each pre-trained method is trained once per seed on the sources and adapted to
@@ -171,7 +274,16 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
     HA, ARIMA) are skipped (not faked) for ``train_days=0``. ``seeds`` is a count
     (``range(seeds)``) or a list of seeds. When ``histories`` is a dict, it receives the
     pre-training history of each ``(method, seed)``; ``on_rows(rows)`` is called with the
-    rows of each (method, seed) as soon as they exist.
+    rows of each (method, seed, train-days) as soon as they exist.
+
+    With ``out``, every batch of rows is appended to ``out/results.jsonl`` as it comes (one
+    write and an fsync), and ``results.json`` / ``results.md`` hold every row at the end.
+    An ``out`` holding an earlier run is refused unless ``resume`` (run only the missing
+    (method, train-days, seed) rows: same sources, target and config required) or
+    ``overwrite`` (start again). Everything that can be checked without training (cities,
+    leakage, splits, methods, device, the output folder, the backbone on every city) is
+    checked before the first epoch. A target that is also a source is refused unless
+    ``allow_leakage``.
     """
     config = config or TransferConfig()
     methods = list(methods or DEFAULT_METHODS)
@@ -183,21 +295,107 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
         raise ValueError(f"nothing to run: seeds={seeds!r}, methods={methods!r}, "
                          f"train_days={days!r}; give --seeds >= 1, methods and train days")
     _check_methods(methods, days, config)
+    check_cities(sources, target)
+    check_device(config.device)
+    log_out = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
     target_city = load(data_dir, target, config.target_span)
+    if target in sources:
+        check_leakage(load(data_dir, target, config.source_span), target_city,
+                      allow_leakage=allow_leakage)
     targets = {d: target_task(target_city, d, config) for d in days}
     src = prepare_sources(data_dir, sources, config) if any(
         get_method(m).pretrains for m in methods) else SourceData([], {}, "none")
     preflight_methods(methods, [*src.tasks, *targets.values()], config, registry)
+    identity = {"command": "transfer", "sources": list(sources), "target": target,
+                "config": config.to_dict()}
+    if log_out is None:
+        return _transfer_rows(methods, seed_list, src, targets, config, sources, target,
+                              progress, histories, registry, on_rows, set())
+    with log_out.open(identity) as done:
+        def write(rows: list[dict[str, Any]]) -> None:
+            log_out.append(rows)
+            if on_rows is not None:
+                on_rows(rows)
+
+        _transfer_rows(methods, seed_list, src, targets, config, sources, target, progress,
+                       histories, registry, write, done)
+        return log_out.finish()
+
+
+def _transfer_rows(methods: list[str], seed_list: list[int], src: SourceData,
+                   targets: dict[int, CityTask], config: TransferConfig, sources: list[str],
+                   target: str, progress: bool, histories: dict | None, registry: Any,
+                   on_rows: Any, done: set[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Every (seed, method) not in ``done`` (keys ``(label, train_days, seed)``)."""
     rows: list[dict[str, Any]] = []
+    base = _row_base(sources, target, config, src.kind)
     for seed in seed_list:
         for method in methods:
-            new = run_method(method, seed, src, targets, config, progress=progress,
-                             histories=histories, registry=registry)
-            new = [{**_row_base(sources, target, config, src.kind), **r} for r in new]
-            if on_rows is not None:
-                on_rows(new)
-            rows += new
+            label = method_label(method, config)
+            todo = {d: t for d, t in targets.items() if (label, d, seed) not in done}
+            if not todo:
+                log.info("%s seed %d: already in the results, skipped", label, seed)
+                continue
+
+            def emit(new: list[dict[str, Any]]) -> None:
+                full = [{**base, **r} for r in new]
+                rows.extend(full)
+                if on_rows is not None:
+                    on_rows(full)
+
+            run_method(method, seed, src, todo, config, progress=progress,
+                       histories=histories, registry=registry, on_rows=emit)
     return rows
+
+
+def check_cities(sources: list[str], target: str | None = None) -> None:
+    """Refuse source cities given more than once."""
+    dupes = sorted({s for s in sources if sources.count(s) > 1})
+    if dupes:
+        raise ValueError(f"source cities {dupes} are given more than once in --source "
+                         f"{','.join(sources)}; list each city once")
+
+
+def check_leakage(source: City, target: City, *, allow_leakage: bool = False) -> None:
+    """Refuse a target that is also a source over overlapping time (its validation and test
+    days would be seen in pre-training), unless ``allow_leakage``. Two disjoint periods of one
+    city (``--source-span`` / ``--target-span``) are a legitimate task."""
+    if source.name == target.name:
+        (s0, s1), (t0, t1) = source.span, target.span
+        if max(s0, t0) <= min(s1, t1):
+            if not allow_leakage:
+                raise ValueError(
+                    f"the target {target.name!r} is also a source over overlapping time "
+                    f"(source {s0} .. {s1}, target {t0} .. {t1}): its validation and test days "
+                    "would be seen in pre-training (leakage); remove it from --source, give "
+                    "disjoint --source-span / --target-span, or pass --allow-leakage")
+            log.warning("target %r is also a source over overlapping time (--allow-leakage): "
+                        "do not report these numbers as transfer", target.name)
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device that this machine or this torch build cannot use."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda "
+                         "or cuda:0") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch has no CUDA support" if torch.version.cuda is None else \
+                "no CUDA device is visible"
+            raise ValueError(f"--device {device}: {build}; use --device cpu (or install a CUDA "
+                             "build of torch on a machine with a GPU)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                             f"device(s) here; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: device type {dev.type!r} is not supported; use "
+                         "cpu or cuda")
 
 
 def _row_base(sources: list[str], target: str, config: TransferConfig, kind: str) -> dict:
@@ -261,7 +459,9 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
                 "rmse": vals["rmse"], "mae": vals["mae"], "seconds": seconds,
                 "pretrain_seconds": pre_seconds, "scaler_fit_on": task.scaler_fit_on,
                 "info": forecast.info, "regions": vals["regions"]}
-               for channel, vals in evaluate_forecast(forecast, list(task.city.channels)).items()]
+               for channel, vals in evaluate_forecast(
+                   forecast, list(task.city.channels),
+                   f"method {label!r}, seed {seed}, {days} train day(s)").items()]
         if on_rows is not None:
             on_rows(new)
         rows += new
@@ -279,7 +479,8 @@ def region_volume(task: CityTask) -> list[float | None]:
     return [float(m) if c else None for m, c in zip(mean, count, strict=True)]
 
 
-def evaluate_forecast(fc: Any, channels: list[str]) -> dict[str, dict[str, Any]]:
+def evaluate_forecast(fc: Any, channels: list[str], where: str = "forecast"
+                      ) -> dict[str, dict[str, Any]]:
     """Per-channel and mean RMSE / MAE, and each region's errors, of a forecast.
 
     Raises an error naming the channel when an error is not finite (never written as NaN).
@@ -288,10 +489,7 @@ def evaluate_forecast(fc: Any, channels: list[str]) -> dict[str, dict[str, Any]]
     summary = metrics.per_channel_metrics(fc.pred, fc.target, fc.mask, channels)
     per_region = [metrics.per_region_errors(fc.pred[..., i], fc.target[..., i], fc.mask[..., i])
                   for i in range(len(channels))]
-    for name, vals in summary.items():
-        if not all(np.isfinite(v) for v in vals.values()):
-            raise FloatingPointError(f"channel {name!r}: non-finite error {vals}; the model "
-                                     "produced NaN or inf forecasts")
+    _check_finite_metrics(summary, where)
     for i, name in enumerate(channels):
         out[name] = {**summary[name], "regions": per_region[i]}
     out["mean"] = {**summary["mean"], "regions": _mean_regions(per_region)}

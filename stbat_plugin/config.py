@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -61,6 +62,9 @@ class TransferConfig:
     descriptors: str = _opt("auto", "region descriptors of RIAM: POI or the temporal-profile "
                             "fallback", choices=("auto", "poi", "temporal_profile"))
     device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
+    on_nonfinite: str = _opt("raise", "a NaN/inf loss: raise an error naming the term and the "
+                             "cause, or skip that step (nothing is ever updated with it)",
+                             choices=("raise", "skip"))
     # STBaT
     embed_dim: int = _opt(32, "STBaT: RIAM embedding size D")
     bandwidth: float = _opt(0.85, "STBaT: KDE bandwidth h")
@@ -74,6 +78,11 @@ class TransferConfig:
     use_simdcl: bool = _opt(True, "STBaT: SimDCL (--no-simdcl: w/o SimDCL)", flag="simdcl")
     use_weighted_loss: bool = _opt(True, "STBaT: density-weighted loss (--no-wloss: w/o WLoss)",
                                    flag="wloss")
+    simdcl_chunk: int | None = _opt(None, "STBaT: anchor rows per block of SimDCL, the KDE and the "
+                                    "similarity, memory O(chunk x n) (default: one block up to 2048 "
+                                    "regions, then automatic; docs/performance.md)")
+    simdcl_anchors: int | None = _opt(None, "STBaT: SimDCL over this many anchor rows sampled per "
+                                      "step, an unbiased estimate (default: every region, exact)")
     # MAML (first-order)
     maml_inner_lr: float = _opt(1e-2, "MAML: inner-loop learning rate")
     maml_inner_steps: int = _opt(3, "MAML: inner-loop steps")
@@ -89,6 +98,26 @@ class TransferConfig:
                              f"{self.max_batches_per_epoch}); 0 would skip pre-training")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2: Eq. 10 needs two samples per batch")
+        for name in ("simdcl_chunk", "simdcl_anchors"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 or None (got {value!r}); "
+                                 f"set --{name.replace('_', '-')} or leave it out")
+        for name in ("embed_dim", "finetune_epochs", "maml_inner_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name, low, strict in (("lr", 0.0, True), ("finetune_lr", 0.0, True),
+                                  ("maml_inner_lr", 0.0, True), ("bandwidth", 0.0, True),
+                                  ("tau", 0.0, True), ("beta", 0.0, False),
+                                  ("simdcl_weight", 0.0, False)):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                bound = f"> {low}" if strict else f">= {low}"
+                raise ValueError(f"{name} must be a finite number {bound} (got {value!r}); "
+                                 f"set --{name.replace('_', '-')}")
+        if not isinstance(self.backbone_kwargs, dict):
+            raise ValueError(f"backbone_kwargs must be a JSON object / dict (got "
+                             f"{self.backbone_kwargs!r}), e.g. '{{\"hidden\": 64}}'")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -28,19 +28,17 @@ The spec::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +48,12 @@ from torch import nn
 
 import stbat_plugin
 from stbat_plugin import api
-from stbat_plugin._io import atomic_write, atomic_write_text
+from stbat_plugin._io import atomic_write, atomic_write_text, exclusive_folder
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import span_of
 from stbat_plugin.method_registry import get_method
+from stbat_plugin.results import append_rows as _append_rows
+from stbat_plugin.results import read_results
 from stbat_plugin.tasks import CityTask, target_task
 
 if sys.version_info >= (3, 11):
@@ -415,69 +415,6 @@ def plan(spec: ExperimentSpec, tasks: list[str] | None = None,
     return units
 
 
-# ----------------------------------------------------------------------------- results file
-def read_results(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of a ``results.jsonl``, without an incomplete last batch.
-
-    A batch (the rows of one task, variant, method, train-days and seed) ends with its
-    ``channel == "mean"`` row; rows after the last complete batch, and a truncated or
-    corrupt last line, are ignored (with ``repair``, cut from the file). A corrupt line
-    followed by more rows is an error.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    rows: list[dict[str, Any]] = []
-    pending: list[dict[str, Any]] = []
-    good_end = offset = 0
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        end = offset + len(line) + 1
-        row = _parse_line(line) if i < len(lines) - 1 else None  # no newline: in progress
-        if row is None and line.strip():
-            if any(rest.strip() for rest in lines[i + 1:]):
-                raise ValueError(f"{path}: line {i + 1} is not a JSON object but more rows follow; "
-                                 "the file is damaged: fix or delete that line, then rerun")
-            break
-        if row is not None:
-            pending.append(row)
-            if row.get("channel") == "mean":
-                rows, pending, good_end = rows + pending, [], end
-        elif not pending:
-            good_end = end  # a blank line between batches
-        offset = end
-    if repair and good_end < len(data):
-        log.warning("%s: dropping %d byte(s) of an incomplete last batch", path,
-                    len(data) - good_end)
-        os.truncate(path, good_end)
-    return rows
-
-
-def _parse_line(line: bytes) -> dict[str, Any] | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows as JSON lines: one write, flush and fsync for the whole batch."""
-    data = "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows).encode()
-    with open(path, "ab", buffering=0) as fh:
-        view = memoryview(data)
-        while view:  # a raw write may be partial
-            written = fh.write(view)
-            view = view[written or 0:]
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _jsonable(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else str(value)
-
-
 def _done_keys(rows: list[dict[str, Any]]) -> set[tuple[str, str, str, int, int]]:
     return {(r["task"], r["variant"], r["method"], r["train_days"], r["seed"]) for r in rows
             if {"task", "variant", "method", "train_days", "seed"} <= r.keys()}
@@ -706,28 +643,13 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
         seeds: run only these of the spec's seeds (default: all).
     """
     start, spec, out = time.perf_counter(), load_spec(spec_path), Path(out)
-    plan(spec, tasks, seeds)  # unknown task names or seeds fail before anything is written
+    units = plan(spec, tasks, seeds)  # unknown task names or seeds fail before anything is written
+    for device in sorted({u.config.device for u in units}):
+        api.check_device(device)
     chosen = _resolve_data_dir(spec, data_dir)
     _prepare_out(spec, out)
-    with _exclusive(out):
+    with exclusive_folder(out, "`stbat experiment`"):
         return _run_units(_Run(spec, out, chosen, registry, progress), start, tasks, seeds)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.lock`` (released by the OS even on ``kill -9``): one run per folder."""
-    with open(out / ".lock", "a") as fh:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover (not POSIX: no lock)
-            yield
-            return
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another `stbat experiment` is running on --out {out}; wait for it "
-                             "to finish (rerunning the same command then resumes)") from None
-        yield
 
 
 def _run_units(run: _Run, start: float, tasks: list[str] | None = None,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stbat_plugin import distributed
 from stbat_plugin import functional as SF
 from stbat_plugin._registry import create_backbone
 from stbat_plugin.adapters import resolve_backbone
@@ -28,7 +29,7 @@ from stbat_plugin.config import TransferConfig
 from stbat_plugin.network import NLinear, PredictionNetwork
 from stbat_plugin.tasks import CityTask, fold_channels, round_robin, unfold_channels
 from stbat_plugin.trainer import FitResult, Trainer
-from stbat_plugin.wrapper import BalancedTransfer
+from stbat_plugin.wrapper import BalancedTransfer, finite_losses
 
 __all__ = [
     "seed_everything", "build_backbone", "build_network", "predict", "validation_error",
@@ -94,39 +95,150 @@ def _loaders(tasks: list[CityTask], config: TransferConfig, gen: torch.Generator
 def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed: int,
              descriptors: dict[str, np.ndarray] | None = None, registry: Any = None,
              progress: bool = True, on_improve: Callable[[nn.Module], None] | None = None,
-             ) -> tuple[nn.Module, FitResult]:
+             on_epoch: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+             resume: dict[str, Any] | None = None) -> tuple[nn.Module, FitResult]:
     """Pre-train a method of the registry (``stbat``, ``finetune``, ``maml``, ``linear``, ...).
 
     ``on_improve(net)`` is called whenever source validation improves (e.g. to
-    write the best-so-far checkpoint).
+    write the best-so-far checkpoint). ``on_epoch(net, state)`` is called after every epoch
+    with everything needed to continue the run exactly (:func:`training_state`: the whole
+    model, its optimisers, the trainer's bookkeeping and every random generator), and
+    ``resume`` (such a state) continues it: the result is that of an uninterrupted run.
+
+    Inside :func:`stbat_plugin.distributed.session` (``torchrun``), every process takes its
+    share of the source batches and the gradients are averaged over the processes
+    (:mod:`stbat_plugin.distributed`); the callbacks run on every rank.
     """
     from stbat_plugin.method_registry import get_method
 
     spec = get_method(method)
     if spec.pretrain is None:
         raise ValueError(f"Method {method!r} is not pre-trained on source cities")
+    ctx = distributed.active()
+    if ctx is not None:
+        ctx.check_device(config.device)
     seed_everything(seed)
     device = config.device
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, net, step = spec.pretrain(sources, config, descriptors, registry)  # on the device
+    optimizers = getattr(step, "optimizers", ())
+    if ctx is not None and not getattr(step, "distributed", False):
+        raise distributed.DistributedError(
+            f"method {method!r} does not support multi-process pre-training (its step does "
+            "not average gradients over processes); run it as one process")
+    loop = None
+    if resume is not None:
+        loop = _restore(resume, model, optimizers, gen, rng)
+    if ctx is not None:
+        ctx.broadcast_module(model)  # the same start everywhere (the seeds agree already)
+        progress = progress and ctx.is_main
+
+    def batches() -> Any:
+        stream = round_robin(_loaders(sources, config, gen), rng, config.max_batches_per_epoch)
+        return stream if ctx is None else ctx.shard(stream)
+
+    def validate() -> float:
+        if ctx is None:
+            return validation_error(net, sources, device)
+        return ctx.validation_error(net, sources, device)
+
     trainer = Trainer(max_epochs=config.max_epochs, patience=config.patience,
                       progress=progress, desc=f"pretrain {method}",
                       on_improve=None if on_improve is None else (lambda _m: on_improve(net)))
-    result = trainer.fit(
-        model,
-        lambda: round_robin(_loaders(sources, config, gen), rng, config.max_batches_per_epoch),
-        step,
-        lambda: validation_error(net, sources, device),
-    )
+
+    def epoch_done(state: dict[str, Any]) -> None:
+        if ctx is not None:
+            ctx.check_in_sync(model)
+        if on_epoch is not None:
+            run_state = training_state(state, model, optimizers, gen, rng)
+            if ctx is not None:
+                run_state["rng"]["ranks"] = ctx.gather_rng()
+            on_epoch(net, run_state)
+
+    try:
+        result = trainer.fit(model, batches, step, validate, on_epoch=epoch_done, resume=loop)
+    finally:
+        if isinstance(model, BalancedTransfer):
+            model.grad_sync = None
     return net, result
+
+
+def training_state(loop: dict[str, Any], model: nn.Module,
+                   optimizers: tuple[torch.optim.Optimizer, ...], gen: torch.Generator,
+                   rng: np.random.Generator) -> dict[str, Any]:
+    """A run's state after an epoch, made of tensors, numbers, strings, lists and dicts only
+    (loadable with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    cities = getattr(model, "cities", None)
+    return {
+        "loop": {**loop, "history": [dict(h) for h in loop["history"]]},
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        # cities whose RIAM state is computed (the others are refreshed when first trained)
+        "fresh": [] if cities is None else [k for k, c in cities.items() if c.fresh],
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state(),
+                "round_robin": rng.bit_generator.state,
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                          *np_state[2:]],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+def _restore(state: dict[str, Any], model: nn.Module,
+             optimizers: tuple[torch.optim.Optimizer, ...], gen: torch.Generator,
+             rng: np.random.Generator) -> dict[str, Any]:
+    """Put ``model``, ``optimizers`` and the generators back to a :func:`training_state`."""
+    model.load_state_dict(state["model"])
+    for name in state.get("fresh", []):
+        model.cities[name].fresh = True  # type: ignore[index, union-attr]
+    saved = state["optimizers"]
+    if len(saved) != len(optimizers):
+        raise ValueError(f"the saved run has {len(saved)} optimiser(s), this method "
+                         f"{len(optimizers)}; resume with the same method and settings")
+    for opt, opt_state in zip(optimizers, saved, strict=True):
+        opt.load_state_dict(opt_state)
+    r = state["rng"]
+    ctx = distributed.active()
+    if ctx is not None and "ranks" in r:  # each process continues its own generators
+        if len(r["ranks"]) != ctx.world_size:
+            raise ValueError(f"the saved run had {len(r['ranks'])} processes, this one "
+                             f"{ctx.world_size}; resume with as many processes")
+        r = {**r, **r["ranks"][ctx.rank]}
+    torch.set_rng_state(r["torch"])
+    gen.set_state(r["loader"])
+    rng.bit_generator.state = r["round_robin"]
+    np_state = r["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    if r["cuda"] and torch.cuda.is_available():
+        if ctx is not None and "ranks" in state["rng"]:
+            torch.cuda.set_rng_state(r["cuda"][0])  # this process's device
+        else:
+            torch.cuda.set_rng_state_all(r["cuda"])
+    return state["loop"]
+
+
+def _with_optimizers(step: Callable, *optimizers: torch.optim.Optimizer) -> Callable:
+    """``step`` carrying its optimisers (saved and restored by a resumable pre-training),
+    marked as averaging its gradients over processes in multi-process pre-training."""
+    step.optimizers = optimizers  # type: ignore[attr-defined]
+    step.distributed = True  # type: ignore[attr-defined]
+    return step
+
+
+def _grad_sync() -> Callable[[torch.optim.Optimizer, bool], bool] | None:
+    """The gradient averaging of multi-process pre-training, or None in one process."""
+    ctx = distributed.active()
+    return None if ctx is None else ctx.sync_optimizer
 
 
 def stbat_setup(sources: list[CityTask], config: TransferConfig,
                 descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
     """``(model, transferable net, step)`` of STBaT pre-training (Sec. 4.3)."""
     model = _build_stbat(sources, config, descriptors, registry).to(config.device)
-    return model, model.transferable(), _stbat_step(model, _by_name(sources), config)
+    optimizers = model.configure_optimizers(lr=config.lr)
+    return model, model.transferable(), _with_optimizers(
+        _stbat_step(model, _by_name(sources), config, optimizers), *optimizers)
 
 
 def plain_setup(sources: list[CityTask], config: TransferConfig,
@@ -134,7 +246,9 @@ def plain_setup(sources: list[CityTask], config: TransferConfig,
     """``(net, net, step)``: backbone + predictor with the plain prediction loss."""
     net = build_network(config, registry).to(config.device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    return net, net, _plain_step(net, _by_name(sources), opt, config.device)
+    return net, net, _with_optimizers(
+        _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
+                    _grad_sync()), opt)
 
 
 def linear_setup(sources: list[CityTask], config: TransferConfig,
@@ -142,14 +256,18 @@ def linear_setup(sources: list[CityTask], config: TransferConfig,
     """``(net, net, step)``: NLinear with the plain prediction loss."""
     net = build_linear(config, registry).to(config.device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    return net, net, _plain_step(net, _by_name(sources), opt, config.device)
+    return net, net, _with_optimizers(
+        _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
+                    _grad_sync()), opt)
 
 
 def maml_setup(sources: list[CityTask], config: TransferConfig,
                descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
     """``(net, net, step)`` of first-order MAML over source-city batches."""
     net = build_network(config, registry).to(config.device)
-    return net, net, _maml_step(net, _by_name(sources), config)
+    outer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    return net, net, _with_optimizers(_maml_step(net, _by_name(sources), config, outer,
+                                                 _grad_sync()), outer)
 
 
 def _by_name(tasks: list[CityTask]) -> dict[str, CityTask]:
@@ -170,49 +288,63 @@ def _build_stbat(sources: list[CityTask], config: TransferConfig,
         bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
         simdcl_weight=config.simdcl_weight, use_poi=config.use_poi, use_fdp=config.use_fdp,
         use_simdcl=config.use_simdcl, use_weighted_loss=config.use_weighted_loss,
+        simdcl_chunk=config.simdcl_chunk, simdcl_anchors=config.simdcl_anchors,
         normalize=config.normalize, linear_skip=config.linear_skip, window=config.window,
         registry=registry,
     )
 
 
-def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: TransferConfig):
-    optimizers = model.configure_optimizers(lr=config.lr)
+def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: TransferConfig,
+                optimizers: tuple[torch.optim.Optimizer, ...]):
     device = config.device
     has_cities = model.riam is not None
+    model.grad_sync = _grad_sync()
 
-    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
-        name, batch = item
+    def step(item: tuple) -> dict[str, float]:
+        name, batch, *group = item  # group: the cities of this step on every process
         x, y, m = fold_channels(batch, device)
         graph = tasks[name].graph_kwargs(model.net, device)
         losses = model.train_iteration(x, y, optimizers, city=name if has_cities else None,
-                                       mask=m, **graph)
+                                       mask=m, on_nonfinite=config.on_nonfinite, **graph)
+        if group and model.riam is not None and model.riam.trainable and not losses.skipped:
+            for other in sorted(set(group[0]) - {name}):  # RIAM moved: same state everywhere
+                model.refresh_imbalance(other)
         return losses.as_dict()
 
     return step
 
 
 def _plain_step(net: nn.Module, tasks: dict[str, CityTask],
-                optimizer: torch.optim.Optimizer, device: str):
-    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
-        name, batch = item
+                optimizer: torch.optim.Optimizer, device: str, on_nonfinite: str = "raise",
+                sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None):
+    def step(item: tuple) -> dict[str, float]:
+        name, batch = item[:2]
         x, y, m = fold_channels(batch, device)
         loss = SF.weighted_prediction_loss(net(x, **tasks[name].graph_kwargs(net, device)), y,
                                            None, m)
+        if not finite_losses({"pred": loss}, f"city {name!r}", on_nonfinite,
+                             inputs={"x": x, "y": y}, mask=m):
+            if sync is not None:
+                sync(optimizer, False)
+            return {"skipped": 1.0}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync is not None and not sync(optimizer, True):  # another process skipped
+            return {"skipped": 1.0}
         optimizer.step()
         return {"total": float(loss.detach()), "pred": float(loss.detach())}
 
     return step
 
 
-def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: TransferConfig):
+def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: TransferConfig,
+               outer: torch.optim.Optimizer,
+               sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None):
     """First-order MAML: the batch's first half adapts a copy, its second half scores it."""
-    outer = torch.optim.Adam(net.parameters(), lr=config.lr)
     device = config.device
 
-    def step(item: tuple[str, dict[str, Tensor]]) -> dict[str, float]:
-        name, batch = item
+    def step(item: tuple) -> dict[str, float]:
+        name, batch = item[:2]
         x, y, m = fold_channels(batch, device)
         half = x.shape[0] // 2
         graph = tasks[name].graph_kwargs(net, device)
@@ -224,10 +356,17 @@ def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: Trans
             loss.backward()
             inner.step()
         query = SF.weighted_prediction_loss(fast(x[half:], **graph), y[half:], None, m[half:])
+        if not finite_losses({"pred": query}, f"city {name!r} (MAML query)",
+                             config.on_nonfinite, inputs={"x": x, "y": y}, mask=m):
+            if sync is not None:
+                sync(outer, False)
+            return {"skipped": 1.0}
         grads = torch.autograd.grad(query, list(fast.parameters()), allow_unused=True)
         outer.zero_grad(set_to_none=True)
         for p, g in zip(net.parameters(), grads, strict=True):
             p.grad = None if g is None else g.detach().clone()
+        if sync is not None and not sync(outer, True):  # another process skipped
+            return {"skipped": 1.0}
         outer.step()
         return {"total": float(query.detach()), "pred": float(query.detach())}
 
@@ -242,7 +381,7 @@ def finetune(net: nn.Module, target: CityTask, config: TransferConfig, seed: int
     gen = torch.Generator().manual_seed(seed)
     tasks = {target.name: target}
     step = _plain_step(net, tasks, torch.optim.Adam(net.parameters(), lr=config.finetune_lr),
-                       config.device)
+                       config.device, config.on_nonfinite)
     trainer = Trainer(max_epochs=config.finetune_epochs, patience=config.patience,
                       progress=progress, desc=f"adapt {target.name}")
     result = trainer.fit(

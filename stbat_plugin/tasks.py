@@ -129,8 +129,10 @@ def source_task(city: City, config: TransferConfig) -> CityTask:
     split = source_split(city.num_steps, config.source_train_ratio, config.source_val_ratio)
     scaler, scaled = _scale(city, split.train, config)
     mask = valid_region_mask(city, split.train)
-    return CityTask(city, "source", split, scaler, "train", mask, build_graph(city), scaled,
+    task = CityTask(city, "source", split, scaler, "train", mask, build_graph(city), scaled,
                     config.window, config.horizon, _covariates(city, config))
+    _check_observed(task, ("train", "val"), "--source-span, or drop this source")
+    return task
 
 
 def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask:
@@ -151,8 +153,29 @@ def target_task(city: City, train_days: int, config: TransferConfig) -> CityTask
             f"Target {city.name!r}: {train_days} training day(s) give no window of "
             f"{config.window}+{config.horizon} steps; use more --train-days or a smaller --window"
         )
-    return CityTask(city, "target", split, scaler, fit_on, mask, build_graph(city), scaled,
+    task = CityTask(city, "target", split, scaler, fit_on, mask, build_graph(city), scaled,
                     config.window, config.horizon, _covariates(city, config))
+    parts = ("train", "val", "test") if train_days > 0 else ("val", "test")
+    _check_observed(task, parts, "--target-span, --val-days / --test-days")
+    return task
+
+
+def _check_observed(task: CityTask, parts: tuple[str, ...], fix: str) -> None:
+    """Every part must have windows with at least one observed target cell, or the run
+    could only fail (or score nothing) after training: refuse it now, naming the part."""
+    for part in parts:
+        ds = task.dataset(part)
+        if len(ds) == 0:
+            raise ValueError(f"{task.role} city {task.name!r}: the {part} part has no window of "
+                             f"{task.window}+{task.horizon} steps; change {fix}, or --window")
+        first, last = int(ds.t_indices[0]), int(ds.t_indices[-1]) + task.horizon
+        observed = task.cell_mask(slice(first, last))
+        if not observed.any():
+            sl = getattr(task.split, part)
+            days = task.city.timestamps[[sl.start, sl.stop - 1]].astype(str)
+            raise ValueError(f"{task.role} city {task.name!r}: the {part} part ({days[0]} .. "
+                             f"{days[1]}) has no observed cell in a valid region, so it cannot "
+                             f"be trained on or scored; change {fix}")
 
 
 def _covariates(city: City, config: TransferConfig) -> np.ndarray | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,7 +16,9 @@ from stbat_plugin.adapters import resolve_backbone
 from stbat_plugin.network import FeedForward, PredictionNetwork
 from stbat_plugin.riam import RIAM, normalize_descriptors
 
-__all__ = ["BalancedTransfer", "Losses"]
+__all__ = ["BalancedTransfer", "Losses", "NonFiniteLossError", "finite_losses"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CITY = "default"
 
@@ -33,25 +37,42 @@ class Losses:
     emb: float = 0.0
     poi_ce: float = 0.0
     kld: float = 0.0
+    skipped: float = 0.0  # 1.0 when the step was skipped for a non-finite loss
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The terms by name (``skipped`` only when the step was skipped)."""
+        out = asdict(self)
+        if not self.skipped:
+            del out["skipped"]
+        return out
 
 
 class _City(nn.Module):
-    """Per-city state: descriptors, valid regions, and the cached imbalance (rho, delta)."""
+    """Per-city state: descriptors, valid regions, and the cached imbalance (rho, delta).
+
+    With ``chunk=None`` the similarity is held as the dense ``delta`` ``[n, n]``; with a
+    chunk size (large cities) only the embeddings ``phi`` ``[n, D]`` are held, and SimDCL
+    recomputes its rows of delta per block of anchors (no ``[n, n]`` tensor).
+    """
 
     descriptors: Tensor
     valid: Tensor
     log_density: Tensor
     delta: Tensor
+    phi: Tensor
 
-    def __init__(self, descriptors: Tensor, valid: Tensor):
+    def __init__(self, descriptors: Tensor, valid: Tensor, *, embed_dim: int = 32,
+                 chunk: int | None = None):
         super().__init__()
+        m = int(valid.sum())
+        self.chunk = chunk
         self.register_buffer("descriptors", descriptors)
         self.register_buffer("valid", valid)
-        self.register_buffer("log_density", torch.zeros(int(valid.sum())))
-        self.register_buffer("delta", torch.zeros(int(valid.sum()), int(valid.sum())))
+        self.register_buffer("log_density", torch.zeros(m))
+        if chunk is None:
+            self.register_buffer("delta", torch.zeros(m, m))
+        else:
+            self.register_buffer("phi", torch.zeros(m, embed_dim))
         self.fresh = False
 
 
@@ -97,6 +118,12 @@ class BalancedTransfer(nn.Module):
         linear_skip, window: a linear autoregressive highway from the input window to the
             output (see :class:`~stbat_plugin.network.PredictionNetwork`; default: off).
         min_sigma: floor of both sigmas in the KLD, in feature units (default: ``1e-2``).
+        simdcl_chunk: anchor rows per block of SimDCL, the KDE and the similarity, memory
+            O(chunk x n) (default: ``None``, automatic: one block up to
+            :data:`~stbat_plugin.functional.AUTO_DENSE_MAX` regions, as before, then blocks of
+            ~4 M entries; a chunked city holds its embeddings, not an ``[n, n]`` delta).
+        simdcl_anchors: SimDCL over this many anchor rows drawn per step, an unbiased
+            estimate of the loss and its gradient (default: ``None``, every region, exact).
         registry: backbone registry whose adapter hooks may claim ``backbone``
             (default: the installed plugins).
 
@@ -137,9 +164,18 @@ class BalancedTransfer(nn.Module):
         normalize: str = "none",
         linear_skip: bool = False,
         window: int | None = None,
+        simdcl_chunk: int | None = None,
+        simdcl_anchors: int | None = None,
         registry: Any = None,
     ):
         super().__init__()
+        SF.chunk_rows(1, simdcl_chunk)  # validates
+        if simdcl_anchors is not None and (isinstance(simdcl_anchors, bool)
+                                           or not isinstance(simdcl_anchors, int) or simdcl_anchors < 1):
+            raise ValueError(f"simdcl_anchors must be a whole number >= 1 or None for every region "
+                             f"(got {simdcl_anchors!r})")
+        self.simdcl_chunk, self.simdcl_anchors = simdcl_chunk, simdcl_anchors
+        self.embed_dim = int(embed_dim)
         extractor = resolve_backbone(backbone, tap=tap, feature_dim=feature_dim,
                                      tap_rearrange=tap_rearrange, tap_input=tap_input,
                                      tap_select=tap_select, tap_calls=tap_calls,
@@ -189,7 +225,8 @@ class BalancedTransfer(nn.Module):
                 f"with at least 2 True (got shape {list(mask.shape)}, {int(mask.sum())} True)"
             )
         device = next(self.riam.parameters()).device
-        self.cities[name] = _City(p.to(device), mask.to(device))
+        chunk = SF.chunk_rows(int(mask.sum()), self.simdcl_chunk)
+        self.cities[name] = _City(p.to(device), mask.to(device), embed_dim=self.embed_dim, chunk=chunk)
 
     def stblm_parameters(self) -> list[nn.Parameter]:
         """theta_feat, theta_pred and theta_proj: what step 1 of Sec. 4.3 updates."""
@@ -231,13 +268,29 @@ class BalancedTransfer(nn.Module):
         if self.riam is None:
             return
         phi = self.riam(state.descriptors[state.valid])
+        if not bool(torch.isfinite(phi).all()):
+            raise NonFiniteLossError(
+                "RIAM's region embeddings are not finite (its parameters diverged); the "
+                "imbalance state was left as it was: lower --lr, or check the descriptors")
         if self.use_weighted_loss:
-            state.log_density.copy_(SF.kde_log_density(phi, self.bandwidth))
-        if self.use_simdcl:
+            state.log_density.copy_(SF.kde_log_density(phi, self.bandwidth) if state.chunk is None
+                                    else SF.kde_log_density(phi, self.bandwidth, chunk=state.chunk))
+        if self.use_simdcl and state.chunk is None:
             state.delta.copy_(SF.pattern_similarity(phi))
+        elif self.use_simdcl:
+            state.phi.copy_(phi)  # delta rows are recomputed per block by SimDCL
         state.fresh = True
 
     # ------------------------------------------------------------------ training
+    #: set by multi-process pre-training (:mod:`stbat_plugin.distributed`): averages an
+    #: optimiser's gradients over the processes and says whether all of them step
+    grad_sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None
+
+    def _synced(self, optimizer: torch.optim.Optimizer, ok: bool = True) -> bool:
+        """Between backward and step (``ok``), or instead of them (``ok=False``): True when
+        the step is taken (always ``ok`` in one process)."""
+        return ok if self.grad_sync is None else self.grad_sync(optimizer, ok)
+
     def train_iteration(
         self,
         x: Tensor,
@@ -246,6 +299,7 @@ class BalancedTransfer(nn.Module):
         *,
         city: str | None = None,
         mask: Tensor | None = None,
+        on_nonfinite: str = "raise",
         **graph: Any,
     ) -> Losses:
         """One iteration of the bidirectional algorithm (Sec. 4.3) on a batch of one city.
@@ -259,22 +313,52 @@ class BalancedTransfer(nn.Module):
             x: ``[b, t, n, c]`` inputs; y: ``[b, s, n, c_out]`` targets; mask: valid targets.
             optimizers: from :meth:`configure_optimizers` (STBLM first, RIAM second).
             city: which source city the batch comes from (default: the only one).
+            on_nonfinite: a loss term that is NaN or inf is never stepped on (nothing is
+                written into the parameters or the RIAM state): ``"raise"`` (default) raises
+                :class:`NonFiniteLossError` naming the term and the cause (the batch's data or
+                a diverging model); ``"skip"`` skips the step and returns ``skipped=1``.
         """
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip' (got {on_nonfinite!r})")
         state = self._city(city) if self.riam is not None else None
         if state is not None:
             _check_regions(state, x, city or next(iter(self.cities)))
         if state is not None and not state.fresh:
             self.refresh_imbalance(state)
-        stblm_loss, parts, stats = self.stblm_loss(x, y, state=state, mask=mask, **graph)
+        where = f"city {city!r}" if city is not None else "the batch"
+        try:
+            stblm_loss, parts, stats = self.stblm_loss(x, y, state=state, mask=mask, **graph)
+        except SF.NonFiniteInputError as exc:  # NaN features reached SimDCL / the statistics
+            nan = torch.tensor(float("nan"))
+            finite_losses({"total": nan, "simdcl": nan}, f"{where} ({exc})", on_nonfinite,
+                          inputs={"x": x, "y": y}, mask=mask)
+            self._synced(optimizers[0], ok=False)
+            optimizers[0].zero_grad(set_to_none=True)
+            return Losses(total=float("nan"), pred=float("nan"), skipped=1.0)
+        if not finite_losses({"total": stblm_loss, **parts}, where, on_nonfinite,
+                             inputs={"x": x, "y": y}, mask=mask):
+            self._synced(optimizers[0], ok=False)
+            optimizers[0].zero_grad(set_to_none=True)
+            return Losses(total=float("nan"), pred=float("nan"), skipped=1.0)
         optimizers[0].zero_grad(set_to_none=True)
         stblm_loss.backward()
+        if not self._synced(optimizers[0]):  # another process skipped this step
+            return Losses(total=float("nan"), pred=float("nan"), skipped=1.0)
         optimizers[0].step()
         if state is not None and self.riam is not None and self.riam.trainable:
             if len(optimizers) < 2:
                 raise ValueError("RIAM is trainable: pass (stblm_optimizer, riam_optimizer)")
             emb, emb_parts = self.riam_loss(state, *stats)
+            if not finite_losses({"emb": emb, **emb_parts}, where, on_nonfinite):
+                self._synced(optimizers[1], ok=False)
+                optimizers[1].zero_grad(set_to_none=True)
+                return Losses(total=float(stblm_loss.detach()),
+                              **{k: float(v.detach()) for k, v in parts.items()}, skipped=1.0)
             optimizers[1].zero_grad(set_to_none=True)
             emb.backward()
+            if not self._synced(optimizers[1]):  # another process skipped this step
+                return Losses(total=float(stblm_loss.detach()),
+                              **{k: float(v.detach()) for k, v in parts.items()}, skipped=1.0)
             optimizers[1].step()
             parts = {**parts, "emb": emb, **emb_parts}
             self.refresh_imbalance(state)
@@ -296,9 +380,17 @@ class BalancedTransfer(nn.Module):
             stats = (mu.detach(), sigma.detach())
             if self.projector is not None:
                 d = self.projector(torch.cat([mu, sigma], dim=-1))
-                parts["simdcl"] = SF.simdcl_loss(d, state.delta, self.tau)
+                parts["simdcl"] = self._simdcl(d, state)
                 total = total + self.simdcl_weight * parts["simdcl"]
         return total, parts, stats
+
+    def _simdcl(self, d: Tensor, state: _City) -> Tensor:
+        if state.chunk is not None:
+            return SF.simdcl_loss_from_embeddings(d, state.phi, self.tau, chunk=state.chunk,
+                                                  anchors=self.simdcl_anchors)
+        if self.simdcl_anchors is None:
+            return SF.simdcl_loss(d, state.delta, self.tau)
+        return SF.simdcl_loss(d, state.delta, self.tau, anchors=self.simdcl_anchors)
 
     @property
     def _uses_fdp(self) -> bool:
@@ -345,3 +437,41 @@ def _as_city_mapping(region_features: Any) -> dict[str, Tensor]:
             raise ValueError("region_features is an empty mapping: give at least one city")
         return {str(k): torch.as_tensor(v) for k, v in region_features.items()}
     return {DEFAULT_CITY: torch.as_tensor(region_features)}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; nothing was stepped on."""
+
+
+_TERMS = {"total": "total loss", "pred": "prediction loss", "simdcl": "SimDCL loss",
+          "emb": "RIAM loss L_emb", "poi_ce": "RIAM POI cross-entropy (CE)",
+          "kld": "RIAM feature-distribution KLD"}
+
+
+def finite_losses(parts: dict[str, Tensor], where: str, on_nonfinite: str = "raise", *,
+                  inputs: dict[str, Tensor] | None = None, mask: Tensor | None = None) -> bool:
+    """True when every loss term is finite. Otherwise False (``on_nonfinite="skip"``), or
+    :class:`NonFiniteLossError` naming the terms and the likely cause: non-finite values in
+    the batch's ``inputs`` (where they count: ``y`` under ``mask``) point at the data, finite
+    inputs at a diverging model."""
+    bad = [k for k, v in parts.items() if not math.isfinite(float(v.detach()))]
+    if not bad:
+        return True
+    if on_nonfinite == "skip":
+        log.warning("%s: non-finite %s; step skipped", where, ", ".join(bad))
+        return False
+    names = [_TERMS.get(k, k) for k in bad if k != "total"] or [_TERMS["total"]]
+    cause = "the model diverged: lower --lr (or --finetune-lr), or use on_nonfinite='skip'"
+    for name, t in (inputs or {}).items():
+        values = t if (name != "y" or mask is None) else t[mask.expand_as(t).bool()]
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            cause = (f"the batch's {name} holds NaN or inf values, so the data is the cause: "
+                     "check the city file (unobserved cells must be 0 with observed=False)")
+            break
+        if values.is_floating_point() and values.numel() and float(values.abs().max()) > 1e15:
+            cause = (f"the batch's {name} holds values of {float(values.abs().max()):.3g}: "
+                     "check the city file and its scaling")
+            break
+    raise NonFiniteLossError(f"{where}: {', '.join(names)} became "
+                             f"{[float(parts[k].detach()) for k in bad]}; nothing was updated. "
+                             f"Cause: {cause}")

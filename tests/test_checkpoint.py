@@ -186,7 +186,7 @@ def test_failing_save_through_the_cli_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     code, _, err = run_cli(["pretrain", *PRETRAIN_ARGS, "--max-batches-per-epoch", "1",
-                            "--save", path])
+                            "--save", path, "--overwrite"])
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]

@@ -153,8 +153,12 @@ def test_results_md_is_the_paper_style_table(full_run):
     assert "| stbat |" in full_run["stdout"] and "results.json" in full_run["stdout"]
 
 
-def test_transfer_out_folder_holds_only_the_two_files(full_run):
-    assert sorted(p.name for p in full_run["out"].iterdir()) == ["results.json", "results.md"]
+def test_transfer_out_folder_holds_the_run_and_its_rows(full_run):
+    assert sorted(p.name for p in full_run["out"].iterdir()) == [
+        ".lock", "results.json", "results.jsonl", "results.md", "run.json"]
+    rows = json.loads((full_run["out"] / "results.json").read_text())
+    lines = (full_run["out"] / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
 
 
 # --------------------------------------------------------------------------- other cities
@@ -327,7 +331,8 @@ def test_out_that_is_a_file_fails_before_running(tmp_path, monkeypatch):
     def no_run(*a, **k):
         raise AssertionError("the run started although --out is unusable")
 
-    monkeypatch.setattr(api, "transfer", no_run)
+    monkeypatch.setattr(api, "run_method", no_run)
+    monkeypatch.setattr(api, "prepare_sources", no_run)
     out = tmp_path / "results"
     out.write_text("not a folder")
     code, _, err = _transfer(TINY, out)

@@ -583,3 +583,205 @@ def test_weighted_prediction_loss_ignores_masked_positions(pred, target, junk, m
     assert torch.allclose(SF.weighted_prediction_loss(changed_pred, changed_target, weights, mask),
                           base, rtol=1e-12, atol=1e-12)
     assert base >= 0
+
+
+# =========================================================================== numeric edges
+# Issue 10, item 8: the functional layer keeps its docstrings at the edges of floating point.
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e38])
+def test_kde_log_density_huge_embeddings_float32_is_scale_equivariant(scale):
+    """rho(s phi; s h) = rho(phi; h) / s^D: embeddings of 1e19 and beyond stay exact in float32."""
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(40))
+    got = SF.kde_log_density(base * scale, 0.85 * scale)
+    expected = SF.kde_log_density(base.double(), 0.85) - 4 * math.log(scale)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_kde_log_density_tiny_bandwidth_counts_exact_duplicates(dtype):
+    """h = 1e-30: only a point's exact duplicates (and itself) carry kernel mass."""
+    phi = torch.randn(6, 4, generator=torch.Generator().manual_seed(41), dtype=dtype)
+    phi[2] = phi[0]
+    phi[5] = phi[0]
+    h = 1e-30
+    out = SF.kde_log_density(phi, h)
+    log_norm = math.log(6) + 4 * math.log(h) + 2 * math.log(2 * math.pi)
+    copies = torch.tensor([3, 1, 3, 1, 1, 3], dtype=F64)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.allclose(out.double(), copies.log() - log_norm, rtol=1e-6)
+    phi.requires_grad_(True)
+    SF.kde_log_density(phi, h).sum().backward()
+    assert torch.isfinite(phi.grad).all()
+
+
+@pytest.mark.parametrize("bandwidth", [math.inf, -math.inf, math.nan, 0.0, -1e-300])
+def test_kde_log_density_refuses_bandwidth_that_is_not_finite_positive(bandwidth):
+    with pytest.raises(ValueError, match="bandwidth must be a finite number > 0"):
+        SF.kde_log_density(torch.zeros(3, 2), bandwidth)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_kde_and_similarity_refuse_non_finite_embeddings(bad):
+    phi = torch.randn(4, 3)
+    phi[1, 2] = bad
+    for fn in (lambda p: SF.kde_log_density(p, 0.85), SF.pattern_similarity):
+        with pytest.raises(ValueError, match="'phi' must be finite"):
+            fn(phi)
+
+
+def test_kde_log_density_refuses_non_float_and_non_number():
+    with pytest.raises(TypeError, match="floating-point"):
+        SF.kde_log_density(torch.zeros(3, 2, dtype=torch.int64), 1.0)
+    with pytest.raises(TypeError, match="bandwidth must be a number"):
+        SF.kde_log_density(torch.zeros(3, 2), "0.85")  # type: ignore[arg-type]
+
+
+def test_pattern_similarity_zero_vector_is_one_with_itself_zero_with_others():
+    phi = torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.0, 0.0], [-3.0, 1.0]], dtype=F64)
+    delta = SF.pattern_similarity(phi)
+    assert torch.equal(delta.diagonal(), torch.ones(4, dtype=F64))
+    assert delta[0, 2] == 0 and delta[2, 0] == 0  # two zero vectors: 0 off the diagonal
+    assert (delta[0, [1, 3]] == 0).all() and (delta[[1, 3], 0] == 0).all()
+    assert torch.allclose(delta[1, 3], naive_cosine(phi[1], phi[3]))
+    assert torch.equal(SF.pattern_similarity(phi, rows=torch.tensor([2, 0])), delta[[2, 0]])
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-42, 1e20, 3e38])
+def test_pattern_similarity_float32_rows_of_any_magnitude_keep_their_direction(scale):
+    """F.normalize alone gives 0 for rows of 1e-30 (the square underflows) and for 1e20 (overflows)."""
+    base = torch.randn(5, 3, generator=torch.Generator().manual_seed(42)).clamp(-1, 1)
+    got = SF.pattern_similarity(base * scale)
+    assert torch.allclose(got, SF.pattern_similarity(base), atol=5e-3 if scale < 1e-40 else 1e-6)
+
+
+@pytest.mark.parametrize("name", ["sigma", "sigma_hat"])
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_feature_kld_refuses_sigma_that_is_not_finite_positive(name, bad):
+    mu_hat, sigma_hat, mu, sigma = _kld_inputs()
+    args = {"mu_hat": mu_hat, "sigma_hat": sigma_hat, "mu": mu, "sigma": sigma}
+    args[name] = args[name].clone()
+    args[name][1, 2] = bad
+    error = SF.NonFiniteInputError if math.isnan(bad) or math.isinf(bad) else ValueError
+    with pytest.raises(error, match=f"'{name}' must be (finite|> 0)"):
+        SF.feature_kld(**args)
+
+
+@pytest.mark.parametrize("name", ["mu", "mu_hat"])
+def test_feature_kld_refuses_non_finite_means(name):
+    args = dict(zip(("mu_hat", "sigma_hat", "mu", "sigma"), _kld_inputs(), strict=True))
+    args[name] = torch.full_like(args[name], math.nan)
+    with pytest.raises(ValueError, match=f"'{name}' must be finite"):
+        SF.feature_kld(**args)
+
+
+def test_feature_kld_large_sigmas_float32_match_float64():
+    """sigma_hat^2 / sigma^2 with both 1e20 is inf / inf = NaN in float32; ratios are not."""
+    mu_hat, sigma_hat, mu, sigma = _kld_inputs(seed=43)
+    inputs = [mu_hat * 1e20, sigma_hat * 1e20, mu * 1e20, sigma * 1e20]
+    got = SF.feature_kld(*[t.float() for t in inputs])
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), SF.feature_kld(*inputs), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.nan, math.inf])
+def test_weighted_prediction_loss_refuses_negative_or_non_finite_weights(bad):
+    weights = torch.ones(3)
+    weights[1] = bad
+    with pytest.raises(ValueError, match="'weights' must be (finite|>= 0)"):
+        SF.weighted_prediction_loss(torch.zeros(2, 1, 3, 1), torch.ones(2, 1, 3, 1), weights)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae", "huber"])
+def test_weighted_prediction_loss_masked_nan_reaches_neither_loss_nor_gradient(loss):
+    pred = _randn(2, 1, 3, 2, seed=44).requires_grad_(True)
+    target = _randn(2, 1, 3, 2, seed=45)
+    mask = torch.ones(2, 1, 3, 2, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    poisoned = target.clone()
+    poisoned[0, 0, 1] = math.nan
+    clean = SF.weighted_prediction_loss(pred, target, torch.ones(3, dtype=F64), mask, loss=loss)
+    got = SF.weighted_prediction_loss(pred, poisoned, torch.ones(3, dtype=F64), mask, loss=loss)
+    assert torch.isfinite(got) and torch.allclose(got, clean, rtol=1e-12)
+    (grad,) = torch.autograd.grad(got, pred)
+    assert torch.isfinite(grad).all() and (grad[0, 0, 1] == 0).all()
+    assert torch.allclose(
+        got, naive_weighted_prediction_loss(pred, target, None, mask, loss=loss), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("mask", "match"), [
+    (torch.full((2, 1, 3, 1), 0.5), "only 0 and 1"),
+    (torch.ones(2, 1, 4, 1, dtype=torch.bool), "does not broadcast"),
+])
+def test_weighted_prediction_loss_refuses_bad_masks(mask, match):
+    with pytest.raises(ValueError, match=match):
+        SF.weighted_prediction_loss(torch.zeros(2, 1, 3, 1), torch.ones(2, 1, 3, 1), mask=mask)
+
+
+def test_density_weights_refuse_non_finite_log_density():
+    with pytest.raises(ValueError, match="'log_density' must be finite"):
+        SF.density_weights(torch.tensor([0.0, math.inf, 1.0]))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_region_feature_stats_huge_features_float32_match_float64(scale):
+    z = _randn(5, 3, 2, seed=46) * scale
+    mu, sigma = SF.region_feature_stats(z.float())
+    mu64, sigma64 = SF.region_feature_stats(z)
+    assert torch.isfinite(mu).all() and torch.isfinite(sigma).all()
+    assert torch.allclose(mu.double(), mu64, rtol=1e-5, atol=1e-6 * scale)
+    assert torch.allclose(sigma.double(), sigma64, rtol=1e-5)
+
+
+def test_region_feature_stats_is_unchanged_by_its_rescaling_in_the_normal_range():
+    """The power-of-two rescaling is exact: bit-identical to the plain formulas."""
+    z = torch.randn(8, 5, 4, generator=torch.Generator().manual_seed(47)) * 3
+    mu, sigma = SF.region_feature_stats(z)
+    assert torch.equal(mu, z.mean(0))
+    assert torch.equal(sigma, ((z - z.mean(0)).pow(2).sum(0) / 7).sqrt())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"tau": math.inf}, "tau must be a finite number > 0"),
+    ({"tau": math.nan}, "tau must be a finite number > 0"),
+    ({"tau": 1e-40}, "too small for torch.float32"),
+])
+def test_simdcl_refuses_bad_temperature(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SF.simdcl_loss(torch.randn(4, 3), torch.rand(4, 4), **kwargs)
+
+
+def test_simdcl_refuses_non_finite_d_and_is_scale_invariant():
+    d, delta = torch.randn(6, 3), torch.rand(6, 6)
+    bad = d.clone()
+    bad[2, 0] = math.nan
+    with pytest.raises(ValueError, match="'d' must be finite"):
+        SF.simdcl_loss(bad, delta)
+    ref = SF.simdcl_loss(d, delta)
+    for scale in (1e-30, 1e30):
+        assert torch.allclose(SF.simdcl_loss(d * scale, delta), ref, rtol=1e-6)
+
+
+# Cases the fuzzer (tests/test_functional_fuzz.py) found while exploring, kept as regressions.
+def test_weighted_prediction_loss_zero_weight_on_an_overflowing_error_is_zero_not_nan():
+    pred = torch.zeros(1, 1, 2, 1, dtype=torch.float16, requires_grad=True)
+    target = torch.tensor([60000.0, 1.0], dtype=torch.float16).view(1, 1, 2, 1)
+    loss = SF.weighted_prediction_loss(pred, target, torch.tensor([0.0, 1.0], dtype=torch.float16))
+    assert loss.item() == 0.5  # (0 * inf + 1 * 1) / 2
+    (grad,) = torch.autograd.grad(loss, pred)
+    assert torch.isfinite(grad).all() and grad[0, 0, 0, 0] == 0
+
+
+def test_region_feature_stats_gradient_at_the_top_of_bfloat16_is_not_nan():
+    z = torch.tensor([0.0, 3.0e38], dtype=torch.bfloat16).view(2, 1, 1).requires_grad_(True)
+    mu, sigma = SF.region_feature_stats(z)
+    assert torch.isfinite(mu).all() and torch.isfinite(sigma).all()
+    (grad,) = torch.autograd.grad(mu.float().sum() + sigma.float().sum(), z)
+    assert not torch.isnan(grad).any()
+
+
+def test_simdcl_gradient_of_tiny_bfloat16_rows_at_tiny_tau_is_not_nan():
+    d = torch.full((2, 1), 5.7778e-34, dtype=torch.bfloat16, requires_grad=True)
+    for chunk in (None, 1):
+        loss = SF.simdcl_loss(d, torch.zeros(2, 2, dtype=torch.bfloat16), 1e-30, chunk=chunk)
+        (grad,) = torch.autograd.grad(loss.float(), d)
+        assert torch.isfinite(loss) and not torch.isnan(grad).any()

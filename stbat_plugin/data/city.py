@@ -183,6 +183,9 @@ def city_from_arrays(name: str, arrays: Mapping[str, np.ndarray], path: str = ""
     timestamps = v.parse_timestamps(np.asarray(arrays["timestamps"]), t, where)
     poi, poi_categories = v.check_poi(arrays, n, where)
     edge_index, edge_weight = v.check_edges(arrays, n, where)
+    adjacency = v.check_matrix(arrays, "adjacency", (n, n), where)
+    v.check_nonnegative(adjacency, "adjacency", where)
+    v.check_nonnegative(edge_weight, "edge_weight", where)
     return City(
         name=name,
         flow=flow,
@@ -192,13 +195,13 @@ def city_from_arrays(name: str, arrays: Mapping[str, np.ndarray], path: str = ""
         region_ids=np.asarray(v.check_names(arrays, "region_ids", n, "", where), dtype=str),
         observed=v.check_observed(arrays, (t, n), where),
         coords=v.check_matrix(arrays, "coords", (n, 2), where, dtype=np.float64),
-        adjacency=v.check_matrix(arrays, "adjacency", (n, n), where),
+        adjacency=adjacency,
         edge_index=edge_index,
         edge_weight=edge_weight,
         poi=poi,
         poi_categories=poi_categories,
         grid_shape=v.check_grid_shape(arrays, n, where),
-        meta={k: str(np.asarray(arrays[k]).item()) for k in META_KEYS if k in arrays},
+        meta=v.check_meta(arrays, META_KEYS, where),
         path=path,
     )
 
@@ -211,7 +214,7 @@ def available_cities(data_dir: str | Path) -> list[str]:
             f"data directory {str(directory)!r} does not exist; pass the folder holding the "
             f"city .npz files (e.g. data/ or data/tiny/)."
         )
-    return sorted(p.stem for p in directory.glob("*.npz"))
+    return sorted(p.stem for p in directory.glob("*.npz") if p.is_file())
 
 
 def load_city(data_dir: str | Path, name: str) -> City:
@@ -222,23 +225,48 @@ def load_city(data_dir: str | Path, name: str) -> City:
         CityDataError: the file breaks the format (missing keys, NaN flow, bad shapes, ...).
     """
     path = Path(data_dir) / f"{name}.npz"
+    if path.is_dir():
+        raise CityDataError(f"city {name!r}: {str(path)!r} is a directory, not a city file; "
+                            "rename it or give the folder that holds the .npz files.")
     if not path.is_file():
         names = available_cities(data_dir)
         raise CityNotFoundError(
             f"unknown city {name!r}: no file {str(path)!r}. Cities in {str(data_dir)!r}: "
             f"{', '.join(names) if names else '(none: no .npz files)'}."
         )
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise CityDataError(
-            f"city {name!r}: cannot read {str(path)!r} as a plain .npz ({exc}); store numeric "
-            f"and unicode arrays only (no object arrays / pickles)."
-        ) from exc
+    arrays = _read_npz(path, name)
     city = city_from_arrays(name, arrays, str(path))
     logger.debug("loaded city %s: T=%d N=%d C=%d", name, *city.flow.shape)
     return city
+
+
+def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, or a :class:`CityDataError` naming the file and
+    what it holds instead (empty, damaged, a single ``.npy`` array, pickled objects)."""
+    where = f"city {name!r}: {str(path)!r}"
+    if path.stat().st_size == 0:
+        raise CityDataError(f"{where} is an empty file; write the city with "
+                            "np.savez(path, flow=..., timestamps=...).")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CityDataError(
+            f"{where} cannot be read as a plain .npz ({exc}); store numeric and unicode arrays "
+            f"only (no object arrays / pickles), with np.savez."
+        ) from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CityDataError(
+            f"{where} holds a single .npy array of shape {np.shape(loaded)}, not an .npz "
+            f"archive of named arrays; save it with np.savez(path, flow=..., timestamps=...)."
+        )
+    try:
+        with loaded as npz:
+            return {key: npz[key] for key in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CityDataError(
+            f"{where}: an array cannot be read ({exc}); store numeric and unicode arrays only "
+            f"(no object arrays / pickles), with np.savez."
+        ) from exc
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 REQUIRED_KEYS = ("flow", "timestamps")
+MINUTES_PER_DAY = 24 * 60
 FORMAT_HINT = (
     "a city file needs 'flow' float (T, N, C) raw counts and 'timestamps' str (T,) "
     "ISO 'YYYY-MM-DDTHH:MM' start times on a regular grid (see data/DATA.md)"
@@ -45,6 +46,11 @@ def check_flow(raw: np.ndarray, where: str) -> np.ndarray:
         )
     if raw.dtype.kind not in "biuf":
         raise CityDataError(f"{where}: 'flow' must be numeric, got dtype {raw.dtype}.")
+    if 0 in raw.shape:
+        raise CityDataError(
+            f"{where}: 'flow' is empty, shape {raw.shape} (T, N, C); a city needs at least one "
+            f"time step, region and channel."
+        )
     flow = np.ascontiguousarray(raw, dtype=np.float32)
     bad = ~np.isfinite(flow)
     if bad.any():
@@ -91,7 +97,7 @@ def check_interval(
     ts: np.ndarray, arrays: Mapping[str, np.ndarray], where: str
 ) -> int:
     """Check that ``ts`` is strictly regular and return the interval in minutes."""
-    stored = int(arrays["interval_minutes"]) if "interval_minutes" in arrays else None
+    stored = _int_scalar(arrays, "interval_minutes", where)
     if ts.shape[0] < 2:
         if stored is None:
             raise CityDataError(
@@ -116,10 +122,55 @@ def check_interval(
     return _positive_interval(spacing, where)
 
 
+def _int_scalar(arrays: Mapping[str, np.ndarray], key: str, where: str) -> int | None:
+    """A whole-number scalar key (e.g. ``interval_minutes``), or None when absent."""
+    if key not in arrays:
+        return None
+    value = np.asarray(arrays[key])
+    if value.size != 1 or value.dtype.kind not in "iuf" or not np.isfinite(value).all() \
+            or float(value.reshape(())) != int(value.reshape(())):
+        raise CityDataError(f"{where}: '{key}' must be one whole number, got dtype {value.dtype} "
+                            f"shape {value.shape}; store e.g. np.array(60).")
+    return int(value.reshape(()))
+
+
 def _positive_interval(value: int, where: str) -> int:
     if value <= 0:
         raise CityDataError(f"{where}: 'interval_minutes' must be > 0, got {value}.")
+    if MINUTES_PER_DAY % value:
+        raise CityDataError(
+            f"{where}: the time step is {value} min, which does not divide a day "
+            f"({MINUTES_PER_DAY} min) into whole steps (days, weeks and the daily split need "
+            f"that); resample to a divisor of a day, e.g. 5, 10, 15, 30 or 60 min."
+        )
     return value
+
+
+def check_nonnegative(value: np.ndarray | None, key: str, where: str) -> None:
+    """Graph weights (adjacency, edge weights) are similarities or distances: >= 0."""
+    if value is not None and value.size and (value < 0).any():
+        first = tuple(int(i) for i in np.argwhere(value < 0)[0])
+        raise CityDataError(
+            f"{where}: '{key}' has {int((value < 0).sum())} negative entr(y/ies), first at "
+            f"{first}; graph weights are distances or similarities >= 0 (0 = no edge)."
+        )
+
+
+def check_meta(arrays: Mapping[str, np.ndarray], keys: tuple[str, ...], where: str
+               ) -> dict[str, str]:
+    """Metadata keys (``city``, ``units``, ...): one string or number each."""
+    meta = {}
+    for key in keys:
+        if key not in arrays:
+            continue
+        value = np.asarray(arrays[key])
+        if value.size != 1 or value.dtype.kind not in "UbiufS":
+            raise CityDataError(
+                f"{where}: metadata '{key}' must be one string (a 0-d or 1-element array), got "
+                f"dtype {value.dtype} shape {value.shape}; store e.g. np.array('...')."
+            )
+        meta[key] = str(value.reshape(()).item())
+    return meta
 
 
 def check_names(

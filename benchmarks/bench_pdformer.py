@@ -1,0 +1,108 @@
+"""PDFormer's spatial attention: dense ``[n, n]`` mask vs edge lists, time and peak memory.
+
+Run: ``.venv/bin/python benchmarks/bench_pdformer.py [--sizes 69,675,1200,5000] [--batch 4]
+[--repeat 3]``
+
+One forward + backward of ``PDFormer`` (default widths, ``t = 6``, one channel) with
+``spatial_attention="dense"`` and ``"sparse"``, each in its own child process: median CPU
+time of ``--repeat`` passes after one warm-up, and peak memory (``VmHWM`` minus ``VmRSS``
+after the inputs are built, the peak reset with ``/proc/self/clear_refs``). Graphs:
+``69``: NYC taxi zones (real adjacency); ``675``: Montevideo bus stops (real graph); other
+sizes: an 8-neighbour grid of ``n / 50`` x 50 cells. ``auto`` is the mode the model picks
+(:data:`stbat_backbones.pdformer.SPARSE_BELOW_DENSITY`); ``pairs`` is the share of the
+``n^2`` pairs within 2 hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def graph(n: int) -> torch.Tensor:
+    from stbat_plugin.data import build_graph, grid_graph, load_city
+
+    if n in (69, 675):
+        return build_graph(load_city(ROOT / "data", "nyc_taxi" if n == 69 else "montevideo_bus")
+                           ).edge_index
+    if n % 50:
+        raise ValueError(f"--sizes: other sizes than 69 and 675 must be multiples of 50 (got {n})")
+    return torch.as_tensor(grid_graph(n // 50, 50))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def child(n: int, mode: str, args: argparse.Namespace) -> None:
+    from stbat_backbones.pdformer import PDFormer
+
+    torch.set_num_threads(args.threads)
+    ei = graph(n)
+    x = torch.rand(args.batch, 6, n, 1, generator=torch.Generator().manual_seed(0))
+    base = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    torch.manual_seed(0)
+    model = PDFormer(spatial_attention=mode)
+    times = []
+    for i in range(args.repeat + 1):
+        start = time.process_time()
+        model(x, edge_index=ei).square().mean().backward()
+        if i:
+            times.append(time.process_time() - start)
+    print(json.dumps({"seconds": statistics.median(times),
+                      "peak_mb": (_status_kb("VmHWM") - base) / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="69,675,1200,5000")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(int(args.child[0]), args.child[1], args)
+        return
+    from stbat_backbones.pdformer import Neighbourhood, neighbourhood_edges
+
+    print(f"PDFormer forward + backward, batch {args.batch}, t=6, {args.threads} thread(s), "
+          f"median CPU time of {args.repeat}")
+    print("| n | pairs within 2 hops | auto | dense s | dense peak MB | sparse s | sparse peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(v) for v in args.sizes.split(",")):
+        edges = neighbourhood_edges(graph(n), n, 2)
+        auto = "dense" if Neighbourhood(edges, n, "auto").mask is not None else "sparse"
+        row = []
+        for mode in ("dense", "sparse"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), mode,
+                   "--batch", str(args.batch), "--repeat", str(args.repeat),
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            if done.returncode != 0:
+                row += ["failed", "-"]
+                print(done.stderr[-2000:], file=sys.stderr)
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            row += [f"{r['seconds']:.2f}", f"{r['peak_mb']:.0f}"]
+        print(f"| {n} | {edges.shape[1] / n**2:.2%} | {auto} | " + " | ".join(row) + " |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
