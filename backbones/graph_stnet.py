@@ -46,7 +46,11 @@ class GraphConv(nn.Module):
     def forward(self, x: Tensor, a_hat: Tensor) -> Tensor:
         # x: [n, B, d]
         h = self.lin(x)
-        h = torch.sparse.mm(a_hat, h.reshape(h.shape[0], -1))
+        # the sparse aggregation in a_hat's dtype (float32 under bf16 autocast: sparse mm has
+        # no mixed-dtype backward), back to the features' dtype
+        flat = h.reshape(h.shape[0], -1)
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            h = torch.sparse.mm(a_hat, flat.to(a_hat.dtype)).to(flat.dtype)
         return h.view(x.shape[0], x.shape[1], -1) + self.bias
 
 

@@ -65,7 +65,7 @@ def remove_orphan_temps(path: str | Path) -> list[Path]:
     at work) are kept. Returns the files removed.
     """
     path = Path(path)
-    removed = []
+    removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):

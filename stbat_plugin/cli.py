@@ -288,7 +288,7 @@ def user_error_message(exc: BaseException) -> str | None:
     import torch
 
     if isinstance(exc, KeyError):
-        return _one_line(exc.args[0] if exc.args else exc)
+        return _one_line(str(exc.args[0]) if exc.args else str(exc))
     if isinstance(exc, torch.OutOfMemoryError):
         return ("out of memory on the device; lower --batch-size or --window, or use a "
                 "smaller --backbone-kwargs width")
@@ -377,9 +377,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command in ("ablation", "sensitivity", "scarcity", "efficiency"):
         from stbat_plugin.paper import run_command
 
-        result = run_command(args)
-        print(result.markdown)
-        print(f"wrote {result.table_path}" + (f" and {result.png_path}" if result.png_path else ""))
+        paper_result = run_command(args)
+        print(paper_result.markdown)
+        print(f"wrote {paper_result.table_path}"
+              + (f" and {paper_result.png_path}" if paper_result.png_path else ""))
     elif args.command == "diagnose":
         from stbat_plugin.diagnose import run_command as run_diagnose
 

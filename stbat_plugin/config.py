@@ -62,6 +62,9 @@ class TransferConfig:
     descriptors: str = _opt("auto", "region descriptors of RIAM: POI or the temporal-profile "
                             "fallback", choices=("auto", "poi", "temporal_profile"))
     device: str = _opt("cpu", "torch device, e.g. cpu or cuda:0")
+    precision: str = _opt("fp32", "training precision: fp32, or bf16 autocast of the forward "
+                          "passes (losses, optimisers, validation and test stay float32)",
+                          choices=("fp32", "bf16"))
     on_nonfinite: str = _opt("raise", "a NaN/inf loss: raise an error naming the term and the "
                              "cause, or skip that step (nothing is ever updated with it)",
                              choices=("raise", "skip"))

@@ -27,6 +27,7 @@ from stbat_plugin._registry import create_backbone
 from stbat_plugin.adapters import resolve_backbone
 from stbat_plugin.config import TransferConfig
 from stbat_plugin.network import NLinear, PredictionNetwork
+from stbat_plugin.precision import autocast
 from stbat_plugin.tasks import CityTask, fold_channels, round_robin, unfold_channels
 from stbat_plugin.trainer import FitResult, Trainer
 from stbat_plugin.wrapper import BalancedTransfer, finite_losses
@@ -169,7 +170,7 @@ def training_state(loop: dict[str, Any], model: nn.Module,
                    rng: np.random.Generator) -> dict[str, Any]:
     """A run's state after an epoch, made of tensors, numbers, strings, lists and dicts only
     (loadable with ``torch.load(weights_only=True)``)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     cities = getattr(model, "cities", None)
     return {
         "loop": {**loop, "history": [dict(h) for h in loop["history"]]},
@@ -248,7 +249,7 @@ def plain_setup(sources: list[CityTask], config: TransferConfig,
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     return net, net, _with_optimizers(
         _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
-                    _grad_sync()), opt)
+                    _grad_sync(), config.precision), opt)
 
 
 def linear_setup(sources: list[CityTask], config: TransferConfig,
@@ -258,7 +259,7 @@ def linear_setup(sources: list[CityTask], config: TransferConfig,
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     return net, net, _with_optimizers(
         _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
-                    _grad_sync()), opt)
+                    _grad_sync(), config.precision), opt)
 
 
 def maml_setup(sources: list[CityTask], config: TransferConfig,
@@ -299,6 +300,7 @@ def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: Tra
     device = config.device
     has_cities = model.riam is not None
     model.grad_sync = _grad_sync()
+    model.precision = config.precision
 
     def step(item: tuple) -> dict[str, float]:
         name, batch, *group = item  # group: the cities of this step on every process
@@ -314,14 +316,21 @@ def _stbat_step(model: BalancedTransfer, tasks: dict[str, CityTask], config: Tra
     return step
 
 
+def _forward(net: nn.Module, x: Tensor, graph: dict[str, Any], precision: str) -> Tensor:
+    """``net(x)`` in the training precision (bf16: autocast), returned in ``x``'s dtype."""
+    with autocast(x.device, precision):
+        return net(x, **graph).to(x.dtype)
+
+
 def _plain_step(net: nn.Module, tasks: dict[str, CityTask],
                 optimizer: torch.optim.Optimizer, device: str, on_nonfinite: str = "raise",
-                sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None):
+                sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None,
+                precision: str = "fp32"):
     def step(item: tuple) -> dict[str, float]:
         name, batch = item[:2]
         x, y, m = fold_channels(batch, device)
-        loss = SF.weighted_prediction_loss(net(x, **tasks[name].graph_kwargs(net, device)), y,
-                                           None, m)
+        loss = SF.weighted_prediction_loss(
+            _forward(net, x, tasks[name].graph_kwargs(net, device), precision), y, None, m)
         if not finite_losses({"pred": loss}, f"city {name!r}", on_nonfinite,
                              inputs={"x": x, "y": y}, mask=m):
             if sync is not None:
@@ -351,11 +360,13 @@ def _maml_step(net: PredictionNetwork, tasks: dict[str, CityTask], config: Trans
         fast = copy.deepcopy(net)
         inner = torch.optim.SGD(fast.parameters(), lr=config.maml_inner_lr)
         for _ in range(config.maml_inner_steps):
-            loss = SF.weighted_prediction_loss(fast(x[:half], **graph), y[:half], None, m[:half])
+            loss = SF.weighted_prediction_loss(_forward(fast, x[:half], graph, config.precision),
+                                               y[:half], None, m[:half])
             inner.zero_grad(set_to_none=True)
             loss.backward()
             inner.step()
-        query = SF.weighted_prediction_loss(fast(x[half:], **graph), y[half:], None, m[half:])
+        query = SF.weighted_prediction_loss(_forward(fast, x[half:], graph, config.precision),
+                                            y[half:], None, m[half:])
         if not finite_losses({"pred": query}, f"city {name!r} (MAML query)",
                              config.on_nonfinite, inputs={"x": x, "y": y}, mask=m):
             if sync is not None:
@@ -381,7 +392,7 @@ def finetune(net: nn.Module, target: CityTask, config: TransferConfig, seed: int
     gen = torch.Generator().manual_seed(seed)
     tasks = {target.name: target}
     step = _plain_step(net, tasks, torch.optim.Adam(net.parameters(), lr=config.finetune_lr),
-                       config.device, config.on_nonfinite)
+                       config.device, config.on_nonfinite, precision=config.precision)
     trainer = Trainer(max_epochs=config.finetune_epochs, patience=config.patience,
                       progress=progress, desc=f"adapt {target.name}")
     result = trainer.fit(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from stbat_plugin import functional as SF
 from stbat_plugin.adapters import resolve_backbone
 from stbat_plugin.network import FeedForward, PredictionNetwork
+from stbat_plugin.precision import autocast
 from stbat_plugin.riam import RIAM, normalize_descriptors
 
 __all__ = ["BalancedTransfer", "Losses", "NonFiniteLossError", "finite_losses"]
@@ -282,6 +283,10 @@ class BalancedTransfer(nn.Module):
         state.fresh = True
 
     # ------------------------------------------------------------------ training
+    #: training precision of the forward pass (:mod:`stbat_plugin.precision`): ``"fp32"`` or
+    #: ``"bf16"`` (autocast); set by the pipeline from ``TransferConfig.precision``
+    precision: str = "fp32"
+
     #: set by multi-process pre-training (:mod:`stbat_plugin.distributed`): averages an
     #: optimiser's gradients over the processes and says whether all of them step
     grad_sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None
@@ -368,7 +373,9 @@ class BalancedTransfer(nn.Module):
     def stblm_loss(self, x: Tensor, y: Tensor, *, state: _City | None = None,
                    mask: Tensor | None = None, **graph: Any):
         """Step 1's loss; returns ``(loss, parts, (mu, sigma) detached or None)``."""
-        pred, z = self.net.forward_with_features(x, **graph)
+        with autocast(x.device, self.precision):  # bf16: the forward only; losses in x's dtype
+            pred, z = self.net.forward_with_features(x, **graph)
+        pred, z = pred.to(x.dtype), z.to(x.dtype)
         weights = self._region_weights(state) if state is not None and self.use_weighted_loss \
             else None
         parts: dict[str, Tensor] = {}

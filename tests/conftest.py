@@ -85,3 +85,15 @@ def nyc_taxi(tiny_data_dir: Path) -> TinyCity:
         adjacency = torch.from_numpy(d["adjacency"].astype(np.float32))
     flow = flow / flow.max()
     return TinyCity(flow, poi, adjacency, _edge_index(adjacency))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where a CUDA device exists and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
