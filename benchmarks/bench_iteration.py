@@ -20,10 +20,10 @@ Cases:
 
 POI counts are random (k = 14) where the city has none: their values do not change the cost.
 
-Time: the two steps alternate on the same batch (interleaved), ``--warmup`` rounds are
-dropped, and the median of ``--iters`` rounds is reported, in wall time and in process CPU
-time (with one thread, CPU time does not count the time the process waits for a core, so
-it is the steadier figure on a shared machine).
+Time: the two steps alternate on the same batch (interleaved, each going first in every
+other round), ``--warmup`` rounds are dropped, and the median of ``--iters`` rounds is
+reported, in wall time and in process CPU time (with one thread, CPU time does not count the
+time the process waits for a core, so it is the steadier figure on a shared machine).
 
 Memory: each method runs alone in a child process. After the data is in memory, the child
 reads its resident set (``VmRSS``), resets its peak (``echo 5 > /proc/self/clear_refs``),
@@ -164,7 +164,8 @@ def time_case(case: str, args: argparse.Namespace) -> dict[str, float]:
     wall: dict[str, list[float]] = {"stbat": [], "plain": []}
     cpu: dict[str, list[float]] = {"stbat": [], "plain": []}
     for it in range(args.warmup + args.iters):
-        for name, step in steps.items():  # interleaved
+        order = list(steps.items()) if it % 2 == 0 else list(steps.items())[::-1]
+        for name, step in order:  # interleaved, alternating which goes first
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
             if it >= args.warmup:

@@ -10,7 +10,9 @@ after the inputs are built, the peak reset with ``/proc/self/clear_refs``). Grap
 ``69``: NYC taxi zones (real adjacency); ``675``: Montevideo bus stops (real graph); other
 sizes: an 8-neighbour grid of ``n / 50`` x 50 cells. ``auto`` is the mode the model picks
 (:data:`stbat_backbones.pdformer.SPARSE_BELOW_DENSITY`); ``pairs`` is the share of the
-``n^2`` pairs within 2 hops.
+``n^2`` pairs within 2 hops. ``--baseline DIR`` adds a column for another version of the
+code (``PYTHONPATH=DIR``, e.g. an export of an older commit with ``backbones`` linked as
+``stbat_backbones``), built with its defaults.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def child(n: int, mode: str, args: argparse.Namespace) -> None:
     base = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     torch.manual_seed(0)
-    model = PDFormer(spatial_attention=mode)
+    model = PDFormer() if mode == "baseline" else PDFormer(spatial_attention=mode)
     times = []
     for i in range(args.repeat + 1):
         start = time.process_time()
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", default=None, help="PYTHONPATH of the code to compare with")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -82,18 +85,23 @@ def main() -> None:
 
     print(f"PDFormer forward + backward, batch {args.batch}, t=6, {args.threads} thread(s), "
           f"median CPU time of {args.repeat}")
-    print("| n | pairs within 2 hops | auto | dense s | dense peak MB | sparse s | sparse peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    modes = ("dense", "sparse") + (("baseline",) if args.baseline else ())
+    print("| n | pairs within 2 hops | auto | dense s | dense peak MB | sparse s | sparse peak MB |"
+          + (" baseline s | baseline peak MB |" if args.baseline else ""))
+    print("|---" * (3 + 2 * len(modes)) + "|")
     for n in (int(v) for v in args.sizes.split(",")):
         edges = neighbourhood_edges(graph(n), n, 2)
         auto = "dense" if Neighbourhood(edges, n, "auto").mask is not None else "sparse"
         row = []
-        for mode in ("dense", "sparse"):
+        for mode in modes:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), mode,
                    "--batch", str(args.batch), "--repeat", str(args.repeat),
                    "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            if mode == "baseline":
+                env["PYTHONPATH"] = str(Path(args.baseline).resolve())
+            # outside the repository, so that PYTHONPATH (not the working directory) picks the code
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
             if done.returncode != 0:
                 row += ["failed", "-"]
                 print(done.stderr[-2000:], file=sys.stderr)

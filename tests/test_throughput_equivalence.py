@@ -1,8 +1,8 @@
-"""The faster graph backbones hold to their naive twins and to the code they replace.
+"""The faster backbones hold to their naive twins and to the code they replace.
 
 graph ST-net propagates node-major ``[n, (B d)]`` with a cached GCN operator; STGCN's
 Chebyshev convolution is a sparse matmul instead of torch-geometric's gather/scatter; both
-build their graph operator once per graph (``graph_cache``).
+build their graph operator once per graph (``graph_cache``); ST-net convolves channels-last.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch_geometric.nn import ChebConv
 from stbat_backbones._common import GraphCache, graph_cache
 from stbat_backbones.graph_stnet import GraphSTNet
 from stbat_backbones.stgcn import STGCN, SparseChebConv
+from stbat_backbones.stnet import STNet
 from stbat_plugin import BalancedTransfer
 from stbat_plugin.testing import ring_graph
 
@@ -72,6 +73,36 @@ def test_graph_stnet_matches_its_naive_twin_with_gradients():
     twin = copy.deepcopy(model)
     out.square().sum().backward()
     _graph_stnet_naive(twin, x, _gcn_dense(ei, w, n)).square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10), name
+
+
+def _stnet_naive(model: STNet, x: torch.Tensor) -> torch.Tensor:
+    """ST-net with plain (contiguous) convolutions, one sample at a time."""
+    def conv(layer: torch.nn.Conv2d, f: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(f.contiguous(), layer.weight.contiguous(), layer.bias, padding=1)
+
+    b, t, _, h, w = x.shape
+    feats = []
+    for i in range(b):
+        f = F.relu(conv(model.stem, x[i]))  # [t, d, h, w]
+        for block in model.blocks:
+            f = F.relu(f + conv(block.conv2, F.relu(conv(block.conv1, f))))
+        _, (h_n, _) = model.lstm(f.permute(2, 3, 0, 1).reshape(h * w, t, -1))
+        feats.append(h_n[-1])
+    return torch.stack(feats)
+
+
+def test_channels_last_stnet_matches_plain_convolutions_with_gradients():
+    torch.manual_seed(0)
+    model = STNet(in_channels=2, channels=8, num_blocks=2, hidden=6).double()
+    assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    x = torch.rand(3, 4, 2, 5, 3, dtype=torch.float64)
+    out, naive = model.forward_features(x), _stnet_naive(twin, x)
+    assert torch.allclose(out, naive, atol=1e-12)
+    out.square().sum().backward()
+    naive.square().sum().backward()
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-10), name
 
