@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: ``spatial_attention`` values of :class:`PDFormer`
 SPATIAL_ATTENTION = ("auto", "dense", "sparse")
-#: ``"auto"`` attends over edge lists when fewer than one pair in this many is a neighbour
-#: pair: on CPU one gathered edge costs about as much as 30 entries of dense masked attention
-#: (``benchmarks/bench_pdformer.py``), and the dense mask itself is ``[n, n]``
+#: ``"auto"`` attends over edge lists when fewer than this share of the ``n^2`` pairs are
+#: neighbours: on CPU a model step costs about 25 times more per gathered edge than per entry
+#: of dense masked attention (``benchmarks/bench_pdformer.py``), and the mask is ``[n, n]``
 SPARSE_BELOW_DENSITY = 1 / 32
 #: rows of the correlation matrix per block in :func:`semantic_neighbours`
 SEMANTIC_BLOCK = 2048

@@ -6,7 +6,9 @@ Run: ``.venv/bin/python benchmarks/bench_pdformer.py [--sizes 69,675,1200,5000] 
 One forward + backward of ``PDFormer`` (default widths, ``t = 6``, one channel) with
 ``spatial_attention="dense"`` and ``"sparse"``, each in its own child process: median CPU
 time of ``--repeat`` passes after one warm-up, and peak memory (``VmHWM`` minus ``VmRSS``
-after the inputs are built, the peak reset with ``/proc/self/clear_refs``). Graphs:
+after the inputs are built, the peak reset with ``/proc/self/clear_refs``; children run with
+``MALLOC_MMAP_THRESHOLD_=65536``, so the peak is that of live memory, as in
+``bench_iteration.py``). Graphs:
 ``69``: NYC taxi zones (real adjacency); ``675``: Montevideo bus stops (real graph); other
 sizes: an 8-neighbour grid of ``n / 50`` x 50 cells. ``auto`` is the mode the model picks
 (:data:`stbat_backbones.pdformer.SPARSE_BELOW_DENSITY`); ``pairs`` is the share of the
@@ -97,7 +99,7 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), mode,
                    "--batch", str(args.batch), "--repeat", str(args.repeat),
                    "--threads", str(args.threads)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
             if mode == "baseline":
                 env["PYTHONPATH"] = str(Path(args.baseline).resolve())
             # outside the repository, so that PYTHONPATH (not the working directory) picks the code
