@@ -303,7 +303,8 @@ def _mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _header(title: str, command: str | None, rows: list[dict[str, Any]], extra: str = "") -> str:
-    commit = git_commit()
+    made = sorted({str(r["git_commit"]) for r in rows if r.get("git_commit")})
+    commit = ", ".join(made) if made else git_commit()  # what the rows were made with
     first = rows[0] if rows else {}
     config = first.get("config", {})
     keys = ("backbone", "backbone_kwargs", "window", "normalize", "linear_skip", "max_epochs",
@@ -739,7 +740,7 @@ def efficiency_table(measures: list[dict[str, Any]], methods: Sequence[str]
              f"training time (s) | x {ref['method']} | of which pre-training (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        above = "-" if baseline is None else f"{e['peak_mb'] - baseline:.0f}"
+        above = "-" if baseline is None else str(round(e["peak_mb"] - baseline))
         lines.append(f"| {e['method']} | {e['n']} | {e['peak_mb']:.0f} ± {e['peak_mb_std']:.0f} | "
                      f"{e['peak_mb'] / ref['peak_mb']:.2f} | {above} | "
                      f"{e['seconds']:.1f} ± {e['seconds_std']:.1f} | "
