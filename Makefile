@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[dev,plots]"
+	$(BIN)/pip install --quiet -e ".[pipeline,plots,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from stbat_plugin import api, create_backbone, default_registry
-from stbat_plugin.config import TransferConfig
+from stbat_plugin import create_backbone, default_registry
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"graph_stnet": {"channels": 32, "hidden": 64}, "stnet": {"channels": 32, "hidden": 64}}

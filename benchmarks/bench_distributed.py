@@ -36,8 +36,8 @@ def worker(out: str, flags: list[str]) -> None:
     """One ``stbat pretrain`` (in a torchrun process or alone), timing epochs and validations."""
     import torch
 
-    from stbat_plugin import cli, distributed
-    from stbat_plugin.trainer import Trainer
+    from stbat_plugin.pipeline import cli, distributed
+    from stbat_plugin.pipeline.trainer import Trainer
 
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {"epoch": [], "validate": []}

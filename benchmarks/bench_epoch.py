@@ -46,10 +46,10 @@ def child(backbone: str, batches: int, threads: int, profile: bool, data_dir: st
     import torch
 
     torch.set_num_threads(threads)
-    from stbat_plugin.api import prepare_sources
-    from stbat_plugin.config import TransferConfig
-    from stbat_plugin.methods import _loaders, seed_everything, stbat_setup
-    from stbat_plugin.tasks import round_robin
+    from stbat_plugin.pipeline.api import prepare_sources
+    from stbat_plugin.pipeline.config import TransferConfig
+    from stbat_plugin.pipeline.methods import _loaders, seed_everything, stbat_setup
+    from stbat_plugin.pipeline.tasks import round_robin
 
     config = TransferConfig(backbone=backbone)
     src = prepare_sources(data_dir, SOURCES.get(backbone, DEFAULT_SOURCES), config)
@@ -87,10 +87,10 @@ def loading(threads: int, data_dir: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from stbat_plugin.api import prepare_sources
-    from stbat_plugin.config import TransferConfig
-    from stbat_plugin.methods import _loaders
-    from stbat_plugin.tasks import fold_channels, round_robin
+    from stbat_plugin.pipeline.api import prepare_sources
+    from stbat_plugin.pipeline.config import TransferConfig
+    from stbat_plugin.pipeline.methods import _loaders
+    from stbat_plugin.pipeline.tasks import fold_channels, round_robin
 
     config = TransferConfig()
     src = prepare_sources(data_dir, DEFAULT_SOURCES, config)

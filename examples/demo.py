@@ -14,9 +14,9 @@ import logging
 import time
 from pathlib import Path
 
-from stbat_plugin import api
-from stbat_plugin.config import TransferConfig
-from stbat_plugin.results import results_table, write_results
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.results import results_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["stbat", "finetune", "linear", "target-only", "persistence", "seasonal", "arima"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stbat_plugin import _compat
 from stbat_plugin._registry import (
     BackboneRegistry,
     BackboneSpec,
@@ -17,6 +18,8 @@ from stbat_plugin.riam import RIAM
 from stbat_plugin.wrapper import BalancedTransfer, Losses
 
 __version__ = "0.1.0"
+
+_compat.install()  # old paths of the pipeline modules (stbat_plugin.api, ...) still import
 
 __all__ = [
     "BalancedTransfer",

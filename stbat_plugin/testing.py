@@ -16,9 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stbat_plugin.adapters import TapFeatures, WithFeatureDim, resolve_backbone
-from stbat_plugin.network import PredictionNetwork
-from stbat_plugin.preflight import (
+from stbat_plugin._shapes import (
     changed_shapes,
     find_region_count,
     per_node_advice,
@@ -26,6 +24,8 @@ from stbat_plugin.preflight import (
     shape_snapshot,
     user_model,
 )
+from stbat_plugin.adapters import TapFeatures, WithFeatureDim, resolve_backbone
+from stbat_plugin.network import PredictionNetwork
 
 __all__ = ["BackboneReport", "check_backbone", "ring_graph", "smoke_train"]
 

@@ -287,7 +287,7 @@ class BalancedTransfer(nn.Module):
     #: ``"bf16"`` (autocast); set by the pipeline from ``TransferConfig.precision``
     precision: str = "fp32"
 
-    #: set by multi-process pre-training (:mod:`stbat_plugin.distributed`): averages an
+    #: set by multi-process pre-training (:mod:`stbat_plugin.pipeline.distributed`): averages an
     #: optimiser's gradients over the processes and says whether all of them step
     grad_sync: Callable[[torch.optim.Optimizer, bool], bool] | None = None
 

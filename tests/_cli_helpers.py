@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 
-from stbat_plugin.cli import main
+from stbat_plugin.pipeline.cli import main
 
 
 def run_cli(args: list) -> tuple[int, str, str]:

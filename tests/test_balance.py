@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stbat_plugin.balance import balance_bins, balance_table, plot_balance
+from stbat_plugin.pipeline.balance import balance_bins, balance_table, plot_balance
 
 
 def _rows(seed: int, density, volume, stbat, fine):

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stbat_plugin.classical import BaselineError, persistence, seasonal_naive
 from stbat_plugin.data import city_from_arrays
 from stbat_plugin.data.covariates import time_features
 from stbat_plugin.network import NLinear, PredictionNetwork, window_norm
+from stbat_plugin.pipeline.classical import BaselineError, persistence, seasonal_naive
 
 
 def _city(flow: np.ndarray, observed: np.ndarray | None = None):

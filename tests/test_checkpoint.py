@@ -16,9 +16,9 @@ import torch
 from _cli_helpers import run_cli
 
 import stbat_plugin
-from stbat_plugin import api
-from stbat_plugin.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from stbat_plugin.config import TransferConfig
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from stbat_plugin.pipeline.config import TransferConfig
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
 SOURCE_SPAN = "2019-03-25:2019-03-31"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from _data_synth import TINY, city_arrays, hourly_stamps
 
-from stbat_plugin.classical import BaselineError, arima_forecast, historical_average
 from stbat_plugin.data import city_from_arrays, load_city
+from stbat_plugin.pipeline.classical import BaselineError, arima_forecast, historical_average
 
 
 def _weekly_city(weeks: int = 4):

@@ -19,8 +19,8 @@ import pytest
 from _cli_helpers import run_cli
 from _data_synth import TINY, city_arrays, hourly_stamps
 
-from stbat_plugin import classical
-from stbat_plugin.method_registry import METHODS
+from stbat_plugin.pipeline import classical
+from stbat_plugin.pipeline.method_registry import METHODS
 
 SMALL_NET = '{"channels": 8, "hidden": 16}'
 TINY_RUN = ["--val-days", "3", "--test-days", "4", "--max-epochs", "1", "--finetune-epochs", "1",
@@ -167,7 +167,7 @@ def test_arima_and_the_whole_pipeline_on_a_small_synthetic_city(tmp_path, caplog
     data = data_dir_with(tmp_path / "data", "nyc_bike")
     synth_city(data)
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="stbat_plugin.classical"):
+    with caplog.at_level(logging.INFO, logger="stbat_plugin.pipeline.classical"):
         code, _, err = run_cli(
             ["transfer", "--data-dir", data, "--source", "nyc_bike", "--target", "synth_town",
              "--train-days", "3,0", "--methods", "stbat,arima,ha", "--out", out,
@@ -326,7 +326,7 @@ def test_bad_backbone_kwargs_is_a_usage_error(tmp_path):
 
 
 def test_out_that_is_a_file_fails_before_running(tmp_path, monkeypatch):
-    from stbat_plugin import api
+    from stbat_plugin.pipeline import api
 
     def no_run(*a, **k):
         raise AssertionError("the run started although --out is unusable")
@@ -353,7 +353,8 @@ def test_failed_run_keeps_previous_results_intact(tmp_path):
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     """The results are written through a temp file + os.replace: a crash mid-write leaves no trace."""
-    from stbat_plugin import _io, results
+    from stbat_plugin.pipeline import io as _io
+    from stbat_plugin.pipeline import results
 
     out = tmp_path / "out"
     out.mkdir()

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from _cli_helpers import run_cli
 
-from stbat_plugin import api
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import load_city, region_descriptors
-from stbat_plugin.diagnose import (
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.diagnose import (
     diagnose,
     diagnose_city,
     error_bins,
@@ -22,8 +22,8 @@ from stbat_plugin.diagnose import (
     region_errors_from_results,
     riam_embedding,
 )
-from stbat_plugin.plots import MAX_PNG_BYTES
-from stbat_plugin.results import write_results
+from stbat_plugin.pipeline.plots import MAX_PNG_BYTES
+from stbat_plugin.pipeline.results import write_results
 
 TINY = Path(__file__).parents[1] / "data" / "tiny"
 TINY_OPTIONS = {"backbone_kwargs": {"channels": 8, "hidden": 16}, "val_days": 3, "test_days": 4,

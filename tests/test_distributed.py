@@ -25,9 +25,9 @@ import pytest
 import torch
 from torch import nn
 
-from stbat_plugin import distributed
-from stbat_plugin.checkpoint import load_checkpoint
-from stbat_plugin.distributed import DistributedError, device_for, launch_env, shard_batches
+from stbat_plugin.pipeline import distributed
+from stbat_plugin.pipeline.checkpoint import load_checkpoint
+from stbat_plugin.pipeline.distributed import DistributedError, device_for, launch_env, shard_batches
 
 REPO = Path(__file__).parents[1]
 TINY = REPO / "data" / "tiny"
@@ -183,7 +183,7 @@ class _Stop(Exception):
 
 def _run_cli(argv: list[str], stop_after: int | None = None) -> dict:
     """``stbat ARGV`` in this process, recording the checkpoints written and the run states."""
-    from stbat_plugin import api, cli, methods
+    from stbat_plugin.pipeline import api, cli, methods
 
     saves, states = [], []
     real_save, real_state = api.save_checkpoint, methods.training_state
@@ -311,10 +311,10 @@ def _twin(argv: list[str]) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """Data parallelism in one process, written plainly: each step, every rank's batch is
     scored with the same weights (with that rank's own random generator), the gradients are
     averaged, each optimiser steps once, and every city of the step is refreshed."""
-    from stbat_plugin import api
-    from stbat_plugin.cli import _config, build_parser
-    from stbat_plugin.methods import _loaders, seed_everything, stbat_setup, validation_error
-    from stbat_plugin.tasks import fold_channels, round_robin
+    from stbat_plugin.pipeline import api
+    from stbat_plugin.pipeline.cli import _config, build_parser
+    from stbat_plugin.pipeline.methods import _loaders, seed_everything, stbat_setup, validation_error
+    from stbat_plugin.pipeline.tasks import fold_channels, round_robin
 
     args = build_parser().parse_args(argv)
     config = _config(args)

@@ -23,9 +23,9 @@ import scipy.stats
 from _cli_helpers import run_cli
 
 import stbat_plugin
-from stbat_plugin import api, experiment
-from stbat_plugin.experiment import load_spec, plan, read_results, run_experiment
-from stbat_plugin.report import paired_comparisons, report
+from stbat_plugin.pipeline import api, experiment
+from stbat_plugin.pipeline.experiment import load_spec, plan, read_results, run_experiment
+from stbat_plugin.pipeline.report import paired_comparisons, report
 
 TINY = Path(__file__).parents[1] / "data" / "tiny"
 REPO = Path(__file__).parents[1]
@@ -180,7 +180,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_rows(reference, tmp_
     results = out / "results.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.cli", "experiment",
+        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.pipeline.cli", "experiment",
                                  str(reference["spec"]), "--out", str(out), "--quiet"],
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -470,8 +470,8 @@ def test_report_of_a_folder_without_results_is_an_error(tmp_path):
 
 
 def test_import_does_not_load_scipy():
-    code = ("import sys, stbat_plugin, stbat_plugin.experiment, stbat_plugin.report, "
-            "stbat_plugin.cli; print(sorted(m for m in sys.modules if m.startswith('scipy')))")
+    code = ("import sys, stbat_plugin, stbat_plugin.pipeline.experiment, stbat_plugin.pipeline.report, "
+            "stbat_plugin.pipeline.cli; print(sorted(m for m in sys.modules if m.startswith('scipy')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           check=True)
     assert done.stdout.strip() == "[]"

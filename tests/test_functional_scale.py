@@ -26,7 +26,7 @@ from test_functional import (
 
 from stbat_plugin import BalancedTransfer
 from stbat_plugin import functional as SF
-from stbat_plugin.config import TransferConfig
+from stbat_plugin.pipeline.config import TransferConfig
 
 F64 = torch.float64
 

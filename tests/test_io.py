@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from stbat_plugin._io import atomic_write, atomic_write_text
+from stbat_plugin.pipeline.io import atomic_write, atomic_write_text
 
 
 def test_written_files_follow_the_umask(tmp_path):

@@ -23,11 +23,11 @@ from _data_synth import city_arrays, hourly_stamps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import load_city
 from stbat_plugin.data.city import CityNotFoundError
 from stbat_plugin.data.validation import CityDataError
-from stbat_plugin.tasks import target_task
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.tasks import target_task
 
 OUTCOMES: collections.Counter = collections.Counter()
 KEYS = ("flow", "timestamps", "observed", "coords", "adjacency", "edge_index", "edge_weight",

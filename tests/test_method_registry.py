@@ -9,11 +9,11 @@ import pytest
 from _cli_helpers import run_cli
 from test_pipeline_protocol import TINY, tiny_config
 
-from stbat_plugin import api, method_registry
-from stbat_plugin.cli import build_parser
-from stbat_plugin.config import TransferConfig
-from stbat_plugin.method_registry import METHODS, Method, get_method, register_method
-from stbat_plugin.results import results_table
+from stbat_plugin.pipeline import api, method_registry
+from stbat_plugin.pipeline.cli import build_parser
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.method_registry import METHODS, Method, get_method, register_method
+from stbat_plugin.pipeline.results import results_table
 
 
 def test_every_entry_declares_its_capabilities():
@@ -98,7 +98,7 @@ def test_every_setting_has_a_flag_with_help(command):
 
 
 def test_flags_map_onto_the_config_and_unset_flags_keep_the_defaults():
-    from stbat_plugin.cli import _config
+    from stbat_plugin.pipeline.cli import _config
 
     args = build_parser().parse_args(
         ["transfer", "--data-dir", "d", "--source", "a", "--target", "b", "--out", "o",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stbat_plugin.metrics import MetricError, mae, per_channel_metrics, rmse
+from stbat_plugin.pipeline.metrics import MetricError, mae, per_channel_metrics, rmse
 
 
 def _naive(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 
-from stbat_plugin import api
 from stbat_plugin._registry import create_backbone
-from stbat_plugin.trainer import Trainer
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.trainer import Trainer
 from stbat_plugin.wrapper import BalancedTransfer, NonFiniteLossError
 
 N, K = 7, 5
@@ -174,7 +174,7 @@ def test_nan_forecast_is_an_error_naming_method_and_seed():
 
 def test_metrics_are_never_written_as_nan(tmp_path):
     """Results files are strict JSON: a NaN metric is refused and nothing is written."""
-    from stbat_plugin.results import append_rows, write_results
+    from stbat_plugin.pipeline.results import append_rows, write_results
 
     rows = [{"method": "ha", "sources": "a", "target": "b", "train_days": 3, "channel": "mean",
              "seed": 0, "rmse": float("nan"), "mae": 0.5}]

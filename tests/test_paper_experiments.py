@@ -16,10 +16,10 @@ import pytest
 from _cli_helpers import run_cli
 
 import stbat_plugin
-from stbat_plugin import api, paper
-from stbat_plugin.config import TransferConfig
-from stbat_plugin.experiment import load_spec, read_results
-from stbat_plugin.plots import MAX_PNG_BYTES
+from stbat_plugin.pipeline import api, paper
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.experiment import load_spec, read_results
+from stbat_plugin.pipeline.plots import MAX_PNG_BYTES
 
 TINY = Path(__file__).parents[1] / "data" / "tiny"
 REPO = Path(__file__).parents[1]

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stbat_plugin import api, method_registry
-from stbat_plugin import methods as methods_module
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import SplitError, load_city
-from stbat_plugin.tasks import source_task, target_task
+from stbat_plugin.pipeline import api, method_registry
+from stbat_plugin.pipeline import methods as methods_module
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.tasks import source_task, target_task
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
 DAY = 24  # hourly data

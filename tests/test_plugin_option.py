@@ -11,10 +11,11 @@ import pytest
 import torch
 from _cli_helpers import run_cli
 
-from stbat_plugin import BackboneRegistry, api, build_plugin_manager
+from stbat_plugin import BackboneRegistry, build_plugin_manager
 from stbat_plugin._registry import load_plugin, registry_with_plugins
-from stbat_plugin.config import TransferConfig
-from stbat_plugin.methods import build_network
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.methods import build_network
 from stbat_plugin.testing import check_backbone
 
 ROOT = Path(__file__).parents[1]

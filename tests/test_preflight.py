@@ -10,12 +10,13 @@ import torch
 from _cli_helpers import run_cli
 from torch import nn
 
-from stbat_plugin import TapFeatures, api
+from stbat_plugin import TapFeatures
 from stbat_plugin._registry import registry_with_plugins
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.network import PredictionNetwork
-from stbat_plugin.preflight import PreflightError, preflight, preflight_methods
-from stbat_plugin.tasks import source_task, target_task
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.preflight import PreflightError, preflight, preflight_methods
+from stbat_plugin.pipeline.tasks import source_task, target_task
 
 ROOT = Path(__file__).parents[1]
 PLUGIN = ROOT / "examples" / "plugin_wrapped_models.py"

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from _cli_helpers import run_cli
 
-from stbat_plugin import api, cli
-from stbat_plugin.results import read_results
+from stbat_plugin.pipeline import api, cli
+from stbat_plugin.pipeline.results import read_results
 
 REPO = Path(__file__).parents[1]
 TINY = REPO / "data" / "tiny"
@@ -74,7 +74,7 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_run(reference, tm
     rows_file = out / "results.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.cli", "transfer", *RUN,
+        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.pipeline.cli", "transfer", *RUN,
                                  "--out", str(out)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -207,7 +207,7 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_probe_write_failure_is_reported_as_not_writable(tmp_path, monkeypatch):
-    from stbat_plugin import runfolder
+    from stbat_plugin.pipeline import runfolder
 
     def refuse(*a, **k):
         raise OSError(30, "Read-only file system")
@@ -259,7 +259,7 @@ def test_ctrl_c_exits_130_and_says_what_is_kept(monkeypatch, capsys):
 
 
 def test_experiment_spec_refuses_duplicate_sources(tmp_path):
-    from stbat_plugin.experiment import load_spec
+    from stbat_plugin.pipeline.experiment import load_spec
 
     spec = tmp_path / "spec.toml"
     spec.write_text(f'[experiment]\nname = "x"\ndata_dir = "{TINY}"\nmethods = ["persistence"]\n'

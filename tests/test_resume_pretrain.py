@@ -22,9 +22,10 @@ import pytest
 import torch
 from _cli_helpers import run_cli
 
-from stbat_plugin import _io, api
-from stbat_plugin.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from stbat_plugin.config import TransferConfig
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline import io as _io
+from stbat_plugin.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stbat_plugin.pipeline.config import TransferConfig
 
 REPO = Path(__file__).parents[1]
 TINY = REPO / "data" / "tiny"
@@ -75,7 +76,7 @@ def test_resume_after_an_interrupted_epoch_gives_identical_weights(tmp_path, met
     api.save_checkpoint = save_then_stop
     try:
         with pytest.raises(Stop):  # through the API: the CLI's error handler would catch Stop
-            from stbat_plugin.cli import _config, build_parser
+            from stbat_plugin.pipeline.cli import _config, build_parser
 
             parsed = build_parser().parse_args(["pretrain", *args, "--save", str(part)])
             api.pretrain(parsed.data_dir, parsed.source, method=method, config=_config(parsed),
@@ -100,7 +101,7 @@ def test_kill_9_during_pretraining_then_resume(tmp_path, reference):
     path = tmp_path / "model.ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.cli", "pretrain", *ARGS,
+        proc = subprocess.Popen([sys.executable, "-m", "stbat_plugin.pipeline.cli", "pretrain", *ARGS,
                                  "--save", str(path)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -224,7 +225,7 @@ def test_files_get_the_process_umask(tmp_path):
 
 
 def test_results_written_by_transfer_are_json_without_nan(tmp_path):
-    from stbat_plugin.results import write_results
+    from stbat_plugin.pipeline.results import write_results
 
     rows = [{"method": "ha", "sources": "a", "target": "b", "train_days": 3, "channel": "mean",
              "seed": 0, "rmse": 1.0, "mae": 0.5}]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from stbat_plugin import api
-from stbat_plugin.config import TransferConfig
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = {

@@ -5,8 +5,8 @@ number of regions ``n``. A backbone that cannot run there (per-node parameters s
 source city, a graph it cannot read, a window it was not built for) is found out here in
 seconds, with the city, the backbone and the reason, instead of after the pre-training.
 
-:func:`region_sized` (the parameters whose shape follows ``n``) is shared with
-:func:`stbat_plugin.testing.check_backbone`.
+:func:`stbat_plugin._shapes.region_sized` (the parameters whose shape follows ``n``) is shared
+with :func:`stbat_plugin.testing.check_backbone`.
 """
 
 from __future__ import annotations
@@ -19,65 +19,30 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
-if TYPE_CHECKING:
-    from stbat_plugin.config import TransferConfig
-    from stbat_plugin.tasks import CityTask
+from stbat_plugin._shapes import (
+    changed_shapes,
+    find_region_count,
+    per_node_advice,
+    region_sized,
+    shape_snapshot,
+    user_model,
+)
 
-__all__ = ["PreflightError", "preflight", "preflight_methods", "region_sized", "shape_snapshot",
-           "changed_shapes", "find_region_count", "user_model"]
+if TYPE_CHECKING:
+    from stbat_plugin.pipeline.config import TransferConfig
+    from stbat_plugin.pipeline.tasks import CityTask
+
+__all__ = ["PreflightError", "preflight", "preflight_methods"]
 
 
 class PreflightError(ValueError):
     """The network cannot run on a city of the task; raised before any training."""
 
 
-# ----------------------------------------------------------------------------- per-node parameters
-def shape_snapshot(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter and buffer, by name."""
-    return {name: tuple(t.shape) for name, t in (*module.named_parameters(), *module.named_buffers())}
-
-
-def changed_shapes(before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]]
-                   ) -> list[str]:
-    """``"name [old] -> [new]"`` for parameters created, removed or resized in between."""
-    names = sorted(set(before) | set(after))
-    return [f"{k!r} {list(before.get(k, ()))} -> {list(after.get(k, ()))}" for k in names
-            if before.get(k) != after.get(k)]
-
-
-def region_sized(module: nn.Module, n_ok: int, n_bad: int) -> list[str]:
-    """``"'name' [shape]"`` of parameters and buffers with a dimension of ``n_ok`` (a region
-    count where the module runs) and none of ``n_bad`` (one where it fails)."""
-    return [f"{name!r} {list(shape)}" for name, shape in shape_snapshot(module).items()
-            if n_ok in shape and n_bad not in shape]
-
-
-def find_region_count(run: Callable[[int], object], module: nn.Module, *, skip: Iterable[int],
-                      limit: int = 6) -> int | None:
-    """A region count where ``run(n)`` works, tried among the parameters' dimensions (the
-    size a per-node parameter was built for); None when none of them works."""
-    tried = set(skip)
-    sizes = sorted({s for shape in shape_snapshot(module).values() for s in shape
-                    if 2 <= s <= 4096 and s not in tried})
-    for size in sizes[:limit]:
-        try:
-            run(size)
-        except Exception:  # noqa: BLE001 - any failure means: not this size
-            continue
-        return size
-    return None
-
-
-def per_node_advice(names: list[str], n_ok: int) -> str:
-    return (f"per-node parameters {', '.join(names)} are sized to {n_ok} regions; a network "
-            "pre-trained on the sources must run at the n of every city: compute such "
-            "embeddings from the input (or drop them)")
-
-
 # ----------------------------------------------------------------------------- the pipeline
 def _probe_input(task: CityTask, windows: int, device: str) -> Tensor:
     """``windows`` real windows of the city, channels folded as in training."""
-    from stbat_plugin.tasks import fold_channels
+    from stbat_plugin.pipeline.tasks import fold_channels
 
     for part in ("val", "train", "test"):
         if getattr(task.split, part) is None:
@@ -159,14 +124,6 @@ def _attempt(fn: Callable[[], object]) -> Exception | None:
     return None
 
 
-def user_model(net: nn.Module) -> nn.Module:
-    """The user's own model inside a network (parameter names as the user knows them)."""
-    from stbat_plugin.adapters import TapFeatures, WithFeatureDim
-
-    extractor = getattr(net, "extractor", net)
-    return extractor.model if isinstance(extractor, TapFeatures | WithFeatureDim) else extractor
-
-
 def _message(net: nn.Module, backbone: str, where: str, n: int, error: Exception,
              ran: dict[int, str]) -> str:
     text = (f"Pre-flight: backbone {backbone!r} does not run on {where} (n={n} regions): "
@@ -182,8 +139,8 @@ def _message(net: nn.Module, backbone: str, where: str, n: int, error: Exception
 def preflight_methods(methods: Iterable[str], tasks: Sequence[CityTask], config: TransferConfig,
                       registry: Any = None) -> None:
     """:func:`preflight` of the network of every method that pre-trains (each kind once)."""
-    from stbat_plugin.method_registry import get_method
     from stbat_plugin.network import PredictionNetwork
+    from stbat_plugin.pipeline.method_registry import get_method
 
     built: set[Any] = set()
     for name in methods:

@@ -18,22 +18,22 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from stbat_plugin import distributed, metrics
 from stbat_plugin._registry import default_registry
-from stbat_plugin.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import City, load_city, parse_span, region_descriptors, span_of
-from stbat_plugin.method_registry import get_method, method_names
-from stbat_plugin.methods import (
+from stbat_plugin.pipeline import distributed, metrics
+from stbat_plugin.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.method_registry import get_method, method_names
+from stbat_plugin.pipeline.methods import (
     finetune,
     predict,
 )
-from stbat_plugin.methods import (
+from stbat_plugin.pipeline.methods import (
     pretrain as _pretrain,
 )
-from stbat_plugin.preflight import preflight_methods
-from stbat_plugin.runfolder import RunFolder, check_writable
-from stbat_plugin.tasks import CityTask, source_task, target_task
+from stbat_plugin.pipeline.preflight import preflight_methods
+from stbat_plugin.pipeline.runfolder import RunFolder, check_writable
+from stbat_plugin.pipeline.tasks import CityTask, source_task, target_task
 
 __all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
            "transfer", "run_method", "evaluate", "evaluate_forecast", "method_label",
@@ -100,7 +100,7 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
     the interrupted run saved there (same method, sources, seed and settings), with the
     result of an uninterrupted run. ``registry``: the backbone registry (default: the
     installed plugins). A backbone that cannot run on a source city fails before training
-    (:func:`preflight_methods`). Inside :func:`stbat_plugin.distributed.session` (``torchrun``)
+    (:func:`preflight_methods`). Inside :func:`stbat_plugin.pipeline.distributed.session` (``torchrun``)
     every process pre-trains its share and rank 0 alone reads and writes ``save``.
     """
     config = config or TransferConfig()

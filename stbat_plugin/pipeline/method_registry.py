@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stbat_plugin import classical
 from stbat_plugin import functional as SF
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data.descriptors import region_descriptors
 from stbat_plugin.data.splits import steps_per_day
-from stbat_plugin.methods import (
+from stbat_plugin.pipeline import classical
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.methods import (
     build_linear,
     build_network,
     finetune,
@@ -32,8 +32,8 @@ from stbat_plugin.methods import (
     stbat_setup,
     train_target_only,
 )
+from stbat_plugin.pipeline.tasks import CityTask
 from stbat_plugin.riam import normalize_descriptors
-from stbat_plugin.tasks import CityTask
 
 __all__ = ["Forecast", "Method", "METHODS", "register_method", "get_method", "method_names"]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from stbat_plugin._io import atomic_write_text
-from stbat_plugin.method_registry import method_names
+from stbat_plugin.pipeline.io import atomic_write_text
+from stbat_plugin.pipeline.method_registry import method_names
 
 __all__ = ["write_results", "results_table", "channel_table", "read_results", "append_rows"]
 

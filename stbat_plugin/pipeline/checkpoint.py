@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from stbat_plugin._io import atomic_write
-from stbat_plugin.config import TransferConfig
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.io import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT", "READABLE"]
 

@@ -47,14 +47,14 @@ import torch
 from torch import nn
 
 import stbat_plugin
-from stbat_plugin import api
-from stbat_plugin._io import atomic_write, atomic_write_text, exclusive_folder
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import span_of
-from stbat_plugin.method_registry import get_method
-from stbat_plugin.results import append_rows as _append_rows
-from stbat_plugin.results import read_results
-from stbat_plugin.tasks import CityTask, target_task
+from stbat_plugin.pipeline import api
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.io import atomic_write, atomic_write_text, exclusive_folder
+from stbat_plugin.pipeline.method_registry import get_method
+from stbat_plugin.pipeline.results import append_rows as _append_rows
+from stbat_plugin.pipeline.results import read_results
+from stbat_plugin.pipeline.tasks import CityTask, target_task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -175,7 +175,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"spec {path}: not valid TOML ({exc}); see the format in "
-                         "stbat_plugin/experiment.py") from exc
+                         "stbat_plugin/pipeline/experiment.py") from exc
     _check_keys(path, "the spec", doc, _SECTIONS, "top-level sections")
     exp = _table(path, doc, "experiment", required=True)
     _check_keys(path, "[experiment]", exp, _EXPERIMENT_KEYS, "keys")
@@ -655,7 +655,7 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
 def _run_units(run: _Run, start: float, tasks: list[str] | None = None,
                seeds: list[int] | None = None) -> ExperimentSummary:
     """Every unit of the run's spec not done yet, then ``report.md``."""
-    from stbat_plugin.report import write_report
+    from stbat_plugin.pipeline.report import write_report
 
     units, ran = plan(run.spec, tasks, seeds), 0
     for k, unit in enumerate(units, 1):

@@ -35,9 +35,9 @@ import torch
 
 import stbat_plugin
 from stbat_plugin import functional as SF
-from stbat_plugin._io import atomic_write_text
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import City, region_descriptors, valid_region_mask
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.io import atomic_write_text
 from stbat_plugin.riam import RIAM, normalize_descriptors
 
 __all__ = ["Diagnosis", "diagnose", "diagnose_city", "riam_embedding", "region_errors_from_results",
@@ -147,7 +147,7 @@ def diagnose_city(city: City, config: TransferConfig | None = None, *, seed: int
 # ----------------------------------------------------------------------------- errors
 def _load_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of an experiment folder / ``results.jsonl`` or a ``transfer`` ``results.json``."""
-    from stbat_plugin.experiment import RESULTS_FILE, read_results
+    from stbat_plugin.pipeline.experiment import RESULTS_FILE, read_results
 
     if path.is_dir():
         for name in (RESULTS_FILE, "results.json"):
@@ -203,7 +203,7 @@ def region_errors_from_results(path: str | Path | Sequence[str | Path], city: Ci
         label = f"{r['method']}{where}, {r['train_days']}-day"
         acc.setdefault(label, []).append(
             np.array([np.nan if v is None else v for v in r["regions"]["rmse"]], float))
-    from stbat_plugin.results import _order
+    from stbat_plugin.pipeline.results import _order
 
     with warnings.catch_warnings():  # a region no seed scored stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -217,9 +217,9 @@ def checkpoint_region_errors(checkpoint: str | Path, data_dir: str | Path, city:
                              registry: Any = None, progress: bool = False
                              ) -> tuple[str, np.ndarray]:
     """Adapt a checkpoint to ``city`` (``train_days`` 0: as it is) and score every region."""
-    from stbat_plugin import api
-    from stbat_plugin.method_registry import get_method
-    from stbat_plugin.tasks import target_task
+    from stbat_plugin.pipeline import api
+    from stbat_plugin.pipeline.method_registry import get_method
+    from stbat_plugin.pipeline.tasks import target_task
 
     pre = api.from_checkpoint(checkpoint, config, registry)
     cfg = pre.config
@@ -362,9 +362,9 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
     ``config`` (its validation / test days); ``results`` is a results file or folder (or a
     list of them), of which ``methods`` (default: all) are binned.
     """
-    from stbat_plugin import api
-    from stbat_plugin.experiment import git_commit
-    from stbat_plugin.plots import plot_diagnose, plot_error_bins
+    from stbat_plugin.pipeline import api
+    from stbat_plugin.pipeline.experiment import git_commit
+    from stbat_plugin.pipeline.plots import plot_diagnose, plot_error_bins
 
     config = config or TransferConfig()
     out = Path(out)
@@ -433,8 +433,8 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
 def run_command(args: Any) -> DiagnoseResult:
     """``stbat diagnose``: the parsed CLI arguments -> :func:`diagnose`."""
     from stbat_plugin._registry import registry_with_plugins
-    from stbat_plugin.checkpoint import load_checkpoint
-    from stbat_plugin.paper import command_line, default_data_dir, given_options
+    from stbat_plugin.pipeline.checkpoint import load_checkpoint
+    from stbat_plugin.pipeline.paper import command_line, default_data_dir, given_options
 
     given = given_options(args)
     base: dict[str, Any] = {}

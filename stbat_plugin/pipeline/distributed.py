@@ -349,12 +349,12 @@ class Distributed:
     @torch.no_grad()
     def validation_error(self, net: nn.Module, tasks: Sequence[Any], device: str,
                          batch_size: int = 64) -> float:
-        """:func:`stbat_plugin.methods.validation_error` with the windows split over the
+        """:func:`stbat_plugin.pipeline.methods.validation_error` with the windows split over the
         ranks: each sums its squared errors and counts, the sums are all-reduced (float64),
         and every rank returns the same mean over cities of the masked RMSE."""
         from torch.utils.data import DataLoader, Subset
 
-        from stbat_plugin.tasks import fold_channels
+        from stbat_plugin.pipeline.tasks import fold_channels
 
         net.eval()
         sums = torch.zeros(len(tasks), 2, dtype=torch.float64, device=device)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data import (
     City,
     GraphContext,
@@ -32,6 +31,7 @@ from stbat_plugin.data import (
     valid_region_mask,
 )
 from stbat_plugin.data.covariates import time_features
+from stbat_plugin.pipeline.config import TransferConfig
 
 __all__ = ["CityTask", "source_task", "target_task", "fold_channels", "unfold_channels"]
 

@@ -1,4 +1,4 @@
-"""``stbat`` command line: a thin layer over :mod:`stbat_plugin.api`."""
+"""``stbat`` command line: a thin layer over :mod:`stbat_plugin.pipeline.api`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from stbat_plugin import api, distributed
-from stbat_plugin._io import atomic_write_text
 from stbat_plugin._registry import registry_with_plugins
-from stbat_plugin.checkpoint import load_checkpoint
-from stbat_plugin.config import TransferConfig
-from stbat_plugin.method_registry import METHODS
-from stbat_plugin.results import results_table
+from stbat_plugin.pipeline import api, distributed
+from stbat_plugin.pipeline.checkpoint import load_checkpoint
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.io import atomic_write_text
+from stbat_plugin.pipeline.method_registry import METHODS
+from stbat_plugin.pipeline.results import results_table
 
 __all__ = ["main", "build_parser"]
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("out", nargs="+", help="the --out folder(s) of `stbat experiment`; several "
                    "are merged and the report is written into the first")
 
-    from stbat_plugin import paper
+    from stbat_plugin.pipeline import paper
 
     for kind, text in (("ablation", "Fig. 3: STBaT without each component, and fine-tuning"),
                        ("sensitivity", "Fig. 4: STBaT against D, beta, h and tau"),
@@ -359,7 +359,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.out:
             atomic_write_text(Path(args.out) / "metrics.json", text)
     elif args.command == "experiment":
-        from stbat_plugin.experiment import run_experiment
+        from stbat_plugin.pipeline.experiment import run_experiment
 
         summary = run_experiment(args.spec, args.out, data_dir=args.data_dir,
                                  progress=not args.quiet, tasks=args.tasks, seeds=args.seeds,
@@ -369,20 +369,20 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"already done) in {summary.seconds:.1f} s; wrote {summary.results_path} and "
               f"{summary.report_path}")
     elif args.command == "report":
-        from stbat_plugin.report import write_report
+        from stbat_plugin.pipeline.report import write_report
 
         path = write_report(args.out[0], more=args.out[1:])
         print(path.read_text())
         print(f"wrote {path}")
     elif args.command in ("ablation", "sensitivity", "scarcity", "efficiency"):
-        from stbat_plugin.paper import run_command
+        from stbat_plugin.pipeline.paper import run_command
 
         paper_result = run_command(args)
         print(paper_result.markdown)
         print(f"wrote {paper_result.table_path}"
               + (f" and {paper_result.png_path}" if paper_result.png_path else ""))
     elif args.command == "diagnose":
-        from stbat_plugin.diagnose import run_command as run_diagnose
+        from stbat_plugin.pipeline.diagnose import run_command as run_diagnose
 
         done = run_diagnose(args)
         print(done.markdown)

@@ -7,12 +7,12 @@
 - :func:`efficiency` (Table 3): peak memory and training time of each method, each run in
   its own process on the same data.
 
-Each builds a spec of the experiment harness (:mod:`stbat_plugin.experiment`), writes it to
-``OUT/spec.toml`` and calls :func:`~stbat_plugin.experiment.run_experiment`: rows are
+Each builds a spec of the experiment harness (:mod:`stbat_plugin.pipeline.experiment`), writes it to
+``OUT/spec.toml`` and calls :func:`~stbat_plugin.pipeline.experiment.run_experiment`: rows are
 appended to ``OUT/results.jsonl`` as they finish, and rerunning the same command (or
 ``stbat experiment OUT/spec.toml --out OUT``) resumes. Then the rows become
 ``OUT/<kind>.md`` (table, command, version, git commit) and ``OUT/<kind>.png``
-(:mod:`stbat_plugin.plots`).
+(:mod:`stbat_plugin.pipeline.plots`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from typing import Any
 import numpy as np
 
 import stbat_plugin
-from stbat_plugin._io import atomic_write_text
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.data.splits import steps_per_day, target_split
-from stbat_plugin.experiment import (
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.experiment import (
     RESULTS_FILE,
     SPEC_FILE,
     _append_rows,
@@ -48,7 +47,8 @@ from stbat_plugin.experiment import (
     read_results,
     run_experiment,
 )
-from stbat_plugin.method_registry import get_method
+from stbat_plugin.pipeline.io import atomic_write_text
+from stbat_plugin.pipeline.method_registry import get_method
 
 __all__ = ["PaperTask", "PaperResult", "TASKS", "BUDGETS", "SWEEPS", "ABLATIONS",
            "ablation", "sensitivity", "scarcity", "efficiency", "spec_text",
@@ -217,7 +217,7 @@ def _toml_key(key: Any) -> str:
 def spec_text(name: str, data_dir: str, methods: Sequence[str], train_days: Sequence[int],
               seeds: int | list[int], defaults: dict[str, Any], tasks: list[dict[str, Any]],
               comment: str = "") -> str:
-    """A spec of :mod:`stbat_plugin.experiment` (``None`` values are left out: the default).
+    """A spec of :mod:`stbat_plugin.pipeline.experiment` (``None`` values are left out: the default).
 
     ``tasks``: dicts with ``name``, ``sources``, ``target`` and optional ``config`` and
     ``methods``.
@@ -345,7 +345,7 @@ def ablation(out: str | Path, *, data_dir: str | Path | None = None, task: str =
     """Fig. 3: STBaT, w/o POI, w/o FDP, w/o SimDCL, w/o WLoss, and fine-tuning, per seed.
 
     Each variant is one ``[[task]]`` of the spec (same data, one switch off), so every row
-    is named as :func:`stbat_plugin.api.method_label` names it, e.g. ``stbat (w/o POI)``.
+    is named as :func:`stbat_plugin.pipeline.api.method_label` names it, e.g. ``stbat (w/o POI)``.
     ``dry_run``: only build the spec (returned as ``markdown``; nothing is written).
     """
     out, plan = Path(out), BUDGETS["ablation"]
@@ -374,7 +374,7 @@ def ablation(out: str | Path, *, data_dir: str | Path | None = None, task: str =
               "Test RMSE (channel mean), mean ± std over seeds; Δ is paired by seed against "
               "full STBaT (negative: the variant is better); wins = seeds where the variant "
               "beats full STBaT.", table]
-    from stbat_plugin.plots import plot_ablation
+    from stbat_plugin.pipeline.plots import plot_ablation
 
     return _finish("ablation", out, blocks, rows, lambda p: plot_ablation(entries, p))
 
@@ -460,7 +460,7 @@ def sensitivity(out: str | Path, *, data_dir: str | Path | None = None, task: st
         blocks.append(f"Fine-tuning (reference, same budget): test RMSE "
                       f"{_fmt(reference['mean'], reference['std'])}.")
     defaults = {SWEEPS[f][0]: float(getattr(base_config, f)) for f in chosen}
-    from stbat_plugin.plots import plot_sensitivity
+    from stbat_plugin.pipeline.plots import plot_sensitivity
 
     return _finish("sensitivity", out, blocks, rows, lambda p: plot_sensitivity(
         points, p, reference=reference, defaults=defaults, best=best))
@@ -555,14 +555,14 @@ def scarcity(out: str | Path, *, data_dir: str | Path | None = None,
               "Test RMSE (channel mean), mean ± std over seeds, against the target's training "
               "days (0 = zero-shot). Classical methods without a zero-shot version have no "
               "0-day value.", table]
-    from stbat_plugin.plots import plot_scarcity
+    from stbat_plugin.pipeline.plots import plot_scarcity
 
     return _finish("scarcity", out, blocks, rows, lambda p: plot_scarcity(points, p))
 
 
 def _check_days(data: Path, entry: dict[str, Any], days: list[int], config: dict[str, Any]) -> None:
     """Refuse, before any run, train-days the target cannot hold or that give no window."""
-    from stbat_plugin import api
+    from stbat_plugin.pipeline import api
 
     cfg = TransferConfig(**config)
     city = api.load(data, entry["target"], cfg.target_span)
@@ -578,7 +578,7 @@ def _check_days(data: Path, entry: dict[str, Any], days: list[int], config: dict
 
 def scarcity_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Plot points and markdown tables (one per task: methods x train-days)."""
-    from stbat_plugin.results import _order
+    from stbat_plugin.pipeline.results import _order
 
     rows = _mean_rows(rows)
     cells: dict[tuple[str, str, int], list[float]] = defaultdict(list)
@@ -612,7 +612,7 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
     """Table 3: peak memory and training time of each method, one process per measurement.
 
     Each (method, seed) runs the same one-task spec with only that method, in a child
-    process (``python -m stbat_plugin.paper child ...``); its peak memory is the child's
+    process (``python -m stbat_plugin.pipeline.paper child ...``); its peak memory is the child's
     own peak resident set size (:func:`_own_peak_mb`), its training time the rows' pre-training plus
     fine-tuning seconds. A child that only loads the data gives the memory floor. Every
     method trains the same number of epochs: ``patience`` must be at least ``max_epochs``
@@ -666,7 +666,7 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
     if baseline is not None:
         blocks.append(f"A process that only loads the data, prepares the tasks and builds the "
                       f"network (no training) peaks at {baseline:.0f} MB.")
-    from stbat_plugin.plots import plot_efficiency
+    from stbat_plugin.pipeline.plots import plot_efficiency
 
     return _finish("efficiency", out, blocks, rows,
                    lambda p: plot_efficiency(entries, p, baseline_mb=baseline))
@@ -675,7 +675,7 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
 def _measure(folder: Path, *, data_only: bool, plugins: Sequence[str], progress: bool
              ) -> dict[str, Any]:
     """Run one child process on ``folder/spec.toml``; its peak memory and times."""
-    cmd = [sys.executable, "-m", "stbat_plugin.paper", "child", str(folder / SPEC_FILE),
+    cmd = [sys.executable, "-m", "stbat_plugin.pipeline.paper", "child", str(folder / SPEC_FILE),
            str(folder)] + (["--data-only"] if data_only else []) + (["--progress"] if progress
                                                                    else [])
     for p in plugins:
@@ -818,8 +818,8 @@ def _own_peak_mb() -> tuple[float, str]:
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m stbat_plugin.paper child SPEC OUT [--data-only]``: one measurement."""
-    p = argparse.ArgumentParser(prog="python -m stbat_plugin.paper")
+    """``python -m stbat_plugin.pipeline.paper child SPEC OUT [--data-only]``: one measurement."""
+    p = argparse.ArgumentParser(prog="python -m stbat_plugin.pipeline.paper")
     p.add_argument("what", choices=["child"])
     p.add_argument("spec")
     p.add_argument("out")
@@ -830,19 +830,19 @@ def _child(argv: list[str]) -> int:
     import torch
 
     from stbat_plugin._registry import registry_with_plugins
-    from stbat_plugin.experiment import load_spec
+    from stbat_plugin.pipeline.experiment import load_spec
 
     registry = registry_with_plugins(args.plugin)
     spec = load_spec(args.spec)
     if spec.data_dir is None:
         raise ValueError(f"{args.spec}: no data_dir")
     if args.data_only:
-        from stbat_plugin import api
-        from stbat_plugin.tasks import target_task
+        from stbat_plugin.pipeline import api
+        from stbat_plugin.pipeline.tasks import target_task
 
         task = spec.tasks[0]
         config = spec.config(task, spec.variants()[0])
-        from stbat_plugin.methods import build_network
+        from stbat_plugin.pipeline.methods import build_network
 
         api.prepare_sources(spec.data_dir, list(task.sources), config)
         for d in task.train_days:

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from stbat_plugin._io import atomic_write_text
-from stbat_plugin.experiment import RESULTS_FILE, SPEC_FILE, load_spec, plan, read_results
-from stbat_plugin.results import _fmt, _order
+from stbat_plugin.pipeline.experiment import RESULTS_FILE, SPEC_FILE, load_spec, plan, read_results
+from stbat_plugin.pipeline.io import atomic_write_text
+from stbat_plugin.pipeline.results import _fmt, _order
 
 __all__ = ["PairedComparison", "paired_comparisons", "report", "write_report", "REPORT_FILE"]
 
@@ -132,7 +132,7 @@ def _seeds_cell(seeds: dict[int, set[int]]) -> str:
 
 def method_table(rows: list[dict[str, Any]]) -> str:
     """Methods x train-days (few-shot first): RMSE and MAE, mean ± std over seeds, channel
-    ``mean``, like :func:`stbat_plugin.results.results_table`, plus the seed count
+    ``mean``, like :func:`stbat_plugin.pipeline.results.results_table`, plus the seed count
     (``3/2`` when settings differ, in the order of the columns)."""
     rows = [r for r in rows if r["channel"] == "mean"]
     days = sorted({r["train_days"] for r in rows}, reverse=True)
@@ -316,7 +316,7 @@ def report(out: str | Path, more: Sequence[str | Path] = ()) -> str:
 
 def _balance_section(rows: list[dict[str, Any]], out: Path) -> str:
     """Where balancing helps: STBaT vs fine-tuning by density and volume bin, with a plot."""
-    from stbat_plugin.balance import balance_bins, balance_table, plot_balance
+    from stbat_plugin.pipeline.balance import balance_bins, balance_table, plot_balance
 
     stats = balance_bins(rows, "density") + balance_bins(rows, "volume")
     head = "## Where balancing helps: STBaT vs fine-tuning by region density and volume"

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stbat_plugin._io import atomic_write_text, exclusive_folder
-from stbat_plugin.results import append_rows, read_results, write_results
+from stbat_plugin.pipeline.io import atomic_write_text, exclusive_folder
+from stbat_plugin.pipeline.results import append_rows, read_results, write_results
 
 __all__ = ["RunFolder", "check_writable", "RUN_FILE", "ROWS_FILE"]
 

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stbat_plugin import distributed
 from stbat_plugin import functional as SF
 from stbat_plugin._registry import create_backbone
 from stbat_plugin.adapters import resolve_backbone
-from stbat_plugin.config import TransferConfig
 from stbat_plugin.network import NLinear, PredictionNetwork
+from stbat_plugin.pipeline import distributed
+from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.tasks import CityTask, fold_channels, round_robin, unfold_channels
+from stbat_plugin.pipeline.trainer import FitResult, Trainer
 from stbat_plugin.precision import autocast
-from stbat_plugin.tasks import CityTask, fold_channels, round_robin, unfold_channels
-from stbat_plugin.trainer import FitResult, Trainer
 from stbat_plugin.wrapper import BalancedTransfer, finite_losses
 
 __all__ = [
@@ -106,11 +106,11 @@ def pretrain(method: str, sources: list[CityTask], config: TransferConfig, seed:
     model, its optimisers, the trainer's bookkeeping and every random generator), and
     ``resume`` (such a state) continues it: the result is that of an uninterrupted run.
 
-    Inside :func:`stbat_plugin.distributed.session` (``torchrun``), every process takes its
+    Inside :func:`stbat_plugin.pipeline.distributed.session` (``torchrun``), every process takes its
     share of the source batches and the gradients are averaged over the processes
-    (:mod:`stbat_plugin.distributed`); the callbacks run on every rank.
+    (:mod:`stbat_plugin.pipeline.distributed`); the callbacks run on every rank.
     """
-    from stbat_plugin.method_registry import get_method
+    from stbat_plugin.pipeline.method_registry import get_method
 
     spec = get_method(method)
     if spec.pretrain is None:
