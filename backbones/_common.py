@@ -4,12 +4,46 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from stbat_plugin import hookimpl
 
 T = TypeVar("T")
+
+
+class FeatureBackbone(nn.Module):
+    """Base of the built-in backbones (:class:`stbat_plugin.backbone.Backbone`).
+
+    A subclass defines ``forward_features(x, **graph) -> [b, n, d]`` and ``feature_dim``
+    and declares its ``layout`` once, as a class attribute (its registration reads it);
+    calling the model gives its features.
+    """
+
+    #: ``"graph"`` or ``"grid"``
+    layout: ClassVar[str] = "graph"
+    feature_dim: int
+
+    def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward_features")
+
+    def forward(self, x: Tensor, **graph: Any) -> Tensor:
+        return self.forward_features(x, **graph)
+
+
+def register_hook(name: str, factory: type[FeatureBackbone], description: str
+                  ) -> Callable[[Any], None]:
+    """The ``stbat_register_backbones`` hook of a module that registers one backbone, with the
+    layout its class declares: ``stbat_register_backbones = register_hook("stnet", STNet, "...")``.
+    """
+
+    @hookimpl
+    def stbat_register_backbones(register: Any) -> None:
+        register(name, factory, description=description)
+
+    return stbat_register_backbones
 
 
 def check_graph_input(name: str, x: Tensor, edge_index: Tensor | None) -> Tensor:

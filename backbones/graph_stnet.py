@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-from stbat_backbones._common import check_graph_input, graph_cache
-from stbat_plugin import hookimpl
+from stbat_backbones._common import FeatureBackbone, check_graph_input, graph_cache, register_hook
 
 
 def gcn_operator(edge_index: Tensor, edge_weight: Tensor | None, n: int, dtype: torch.dtype
@@ -66,7 +65,7 @@ class ResidualGraphBlock(nn.Module):
         return F.relu(x + self.conv2(F.relu(self.conv1(x, a_hat)), a_hat))
 
 
-class GraphSTNet(nn.Module):
+class GraphSTNet(FeatureBackbone):
     """Graph analogue of ST-net for non-grid cities.
 
     Args:
@@ -103,11 +102,6 @@ class GraphSTNet(nn.Module):
         _, (h_n, _) = self.lstm(seq)
         return einops.rearrange(h_n[-1], "(b n) d -> b n d", b=b, n=n)
 
-    def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_features(x, **graph)
 
-
-@hookimpl
-def stbat_register_backbones(register: Any) -> None:
-    register("graph_stnet", GraphSTNet, layout="graph",
-             description="Graph ST-net: residual GCN blocks per step + LSTM per region")
+stbat_register_backbones = register_hook(
+    "graph_stnet", GraphSTNet, "Graph ST-net: residual GCN blocks per step + LSTM per region")

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj
 
-from stbat_backbones._common import check_graph_input, graph_cache
+from stbat_backbones._common import FeatureBackbone, check_graph_input, graph_cache, register_hook
 from stbat_backbones._temporal import CausalConv
-from stbat_plugin import hookimpl
 
 
 def transition_matrices(edge_index: Tensor, edge_weight: Tensor | None, n: int,
@@ -115,7 +114,7 @@ class GWLayer(nn.Module):
         return out, self.skip(out[:, -1])
 
 
-class GraphWaveNet(nn.Module):
+class GraphWaveNet(FeatureBackbone):
     """Graph WaveNet-style feature extractor for graph cities.
 
     Paper: https://arxiv.org/abs/1906.00121 (Wu et al., IJCAI 2019).
@@ -177,12 +176,7 @@ class GraphWaveNet(nn.Module):
             skip = skip + s
         return F.relu(self.end(F.relu(skip)))
 
-    def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_features(x, **graph)
 
-
-@hookimpl
-def stbat_register_backbones(register: Any) -> None:
-    register("gwnet", GraphWaveNet, layout="graph",
-             description="Graph WaveNet: gated dilated causal TCN + diffusion GCN, "
-                         "input-computed adaptive adjacency")
+stbat_register_backbones = register_hook(
+    "gwnet", GraphWaveNet, "Graph WaveNet: gated dilated causal TCN + diffusion GCN, "
+    "input-computed adaptive adjacency")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from stbat_backbones._common import check_graph_input, graph_cache
-from stbat_plugin import hookimpl
+from stbat_backbones._common import FeatureBackbone, check_graph_input, graph_cache, register_hook
+from stbat_plugin.backbone import CityFacts
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class PDLayer(nn.Module):
         return h + self.drop(self.mlp(self.norm2(h)))
 
 
-class PDFormer(nn.Module):
+class PDFormer(FeatureBackbone):
     r"""PDFormer-style feature extractor for graph cities.
 
     Paper: https://arxiv.org/abs/2301.07945 (Jiang et al., AAAI 2023), a baseline of STBaT.
@@ -298,7 +298,8 @@ class PDFormer(nn.Module):
             ``d_model`` must divide by their sum.
         geo_hops: hops of the geographic neighbourhood (default: ``2``).
         semantic_k: semantic neighbours per region (default: ``8``).
-        steps_per_day: steps in a day, for the daily profiles (default: ``24``, hourly).
+        steps_per_day: steps in a day, for the daily profiles (default: ``None``: the city's,
+            :attr:`~stbat_plugin.backbone.CityFacts.steps_per_day`, e.g. 48 for 30-minute data).
         pattern_len, num_patterns: window and size of the pattern memory (default: ``3``, ``16``).
         mlp_ratio: MLP width over ``d_model`` (default: ``2``). dropout: (default: ``0.0``).
         feature_dim: size ``d`` of the features (default: ``64``).
@@ -314,7 +315,7 @@ class PDFormer(nn.Module):
 
     def __init__(self, in_channels: int = 1, d_model: int = 64, num_layers: int = 2,
                  temporal_heads: int = 2, geo_heads: int = 4, sem_heads: int = 2,
-                 geo_hops: int = 2, semantic_k: int = 8, steps_per_day: int = 24,
+                 geo_hops: int = 2, semantic_k: int = 8, steps_per_day: int | None = None,
                  pattern_len: int = 3, num_patterns: int = 16, mlp_ratio: int = 2,
                  dropout: float = 0.0, feature_dim: int = 64, spatial_attention: str = "auto"):
         super().__init__()
@@ -340,23 +341,25 @@ class PDFormer(nn.Module):
         self.feature_dim = feature_dim
 
     @torch.no_grad()
-    def prepare_city(self, train_flow: Tensor, edge_index: Tensor | None = None,
-                     edge_weight: Tensor | None = None) -> dict[str, Tensor]:
-        """Semantic neighbours of a city from its scaled training slice ``[T, n, c]``.
+    def prepare_city(self, city: CityFacts) -> dict[str, Tensor]:
+        """Semantic neighbours of a city from its scaled training slice ``[T, n, c]``, with
+        daily profiles of ``city.steps_per_day`` steps (or the ``steps_per_day`` given).
 
         Returns ``{"semantic_index": [2, n * k]}``, or ``{}`` when ``T < 2`` or ``n < 2``
         (zero-shot): the semantic heads then use the geographic mask.
         """
-        if train_flow.dim() != 3:
-            raise ValueError(f"PDFormer.prepare_city: expected 'train_flow' of shape [T, n, c] "
-                             f"(got {list(train_flow.shape)})")
+        if not isinstance(city, CityFacts):
+            raise TypeError(f"PDFormer.prepare_city: expected a CityFacts (got "
+                            f"{type(city).__name__}); build one with "
+                            "CityFacts(num_regions=n, steps_per_day=24, train_flow=flow[:train])")
+        train_flow = city.train_flow
         if train_flow.shape[0] < 2 or train_flow.shape[1] < 2:
             logger.info("PDFormer: training slice of shape %s is too short for semantic "
                         "neighbours; semantic heads use the geographic mask",
                         list(train_flow.shape))
             return {}
-        return {"semantic_index": semantic_neighbours(train_flow, self.semantic_k,
-                                                      self.steps_per_day)}
+        steps = self.steps_per_day if self.steps_per_day is not None else city.steps_per_day
+        return {"semantic_index": semantic_neighbours(train_flow, self.semantic_k, steps)}
 
     def forward_features(self, x: Tensor, edge_index: Tensor | None = None,
                          edge_weight: Tensor | None = None, semantic_index: Tensor | None = None,
@@ -373,9 +376,6 @@ class PDFormer(nn.Module):
             h = layer(h, key_bias, geo, sem)
         h = self.norm(h)
         return self.out(torch.cat([h[:, -1], h.mean(dim=1)], dim=-1))
-
-    def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_features(x, **graph)
 
     def _neighbourhood(self, edge_index: Tensor, n: int, hops: int) -> Neighbourhood:
         """The ``hops``-hop :class:`Neighbourhood`, built once per graph (``graph_cache``)."""
@@ -397,8 +397,6 @@ def _check_semantic_index(semantic_index: Tensor, n: int) -> Tensor:
     return semantic_index
 
 
-@hookimpl
-def stbat_register_backbones(register: Any) -> None:
-    register("pdformer", PDFormer, layout="graph",
-             description="PDFormer: temporal + geographic + semantic attention heads, "
-                         "delay-aware pattern memory")
+stbat_register_backbones = register_hook(
+    "pdformer", PDFormer, "PDFormer: temporal + geographic + semantic attention heads, "
+    "delay-aware pattern memory")

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 
-from stbat_backbones._common import check_graph_input, graph_cache
+from stbat_backbones._common import FeatureBackbone, check_graph_input, graph_cache, register_hook
 from stbat_backbones._temporal import CausalConv
-from stbat_plugin import hookimpl
 
 
 class TemporalGLU(nn.Module):
@@ -112,7 +111,7 @@ class STConvBlock(nn.Module):
         return self.drop(self.norm(self.temporal2(h)))
 
 
-class STGCN(nn.Module):
+class STGCN(FeatureBackbone):
     r"""STGCN-style feature extractor for graph cities.
 
     Paper: https://arxiv.org/abs/1709.04875 (Yu et al., IJCAI 2018).
@@ -167,11 +166,6 @@ class STGCN(nn.Module):
         h = self.norm(self.output(h)[:, -1])
         return F.relu(self.fc(h))
 
-    def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_features(x, **graph)
 
-
-@hookimpl
-def stbat_register_backbones(register: Any) -> None:
-    register("stgcn", STGCN, layout="graph",
-             description="STGCN: ST-Conv blocks of gated temporal convs around ChebConv (K=3)")
+stbat_register_backbones = register_hook(
+    "stgcn", STGCN, "STGCN: ST-Conv blocks of gated temporal convs around ChebConv (K=3)")

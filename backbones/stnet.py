@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stbat_plugin import hookimpl
+from stbat_backbones._common import FeatureBackbone, register_hook
 
 
 class ResidualConvBlock(nn.Module):
@@ -31,7 +31,7 @@ class ResidualConvBlock(nn.Module):
         return F.relu(x + self.conv2(F.relu(self.conv1(x))))
 
 
-class STNet(nn.Module):
+class STNet(FeatureBackbone):
     """ST-net feature extractor for grid cities.
 
     Paper: https://arxiv.org/abs/1901.08518 (MetaST), configuration of STBaT Sec. 5.1.
@@ -70,11 +70,6 @@ class STNet(nn.Module):
         _, (h_n, _) = self.lstm(seq)
         return einops.rearrange(h_n[-1], "(b n) d -> b n d", b=b, n=h * w)
 
-    def forward(self, x: Tensor, **graph: Any) -> Tensor:
-        return self.forward_features(x, **graph)
 
-
-@hookimpl
-def stbat_register_backbones(register: Any) -> None:
-    register("stnet", STNet, layout="grid",
-             description="ST-net: residual CNN per frame + LSTM per cell (the paper's backbone)")
+stbat_register_backbones = register_hook(
+    "stnet", STNet, "ST-net: residual CNN per frame + LSTM per cell (the paper's backbone)")

@@ -4,8 +4,8 @@ NYC Citi Bike + NYC yellow taxi (69 Manhattan zones, 2 channels, POI) -> Melbour
 pedestrian sensors (55 sensors, 1 channel): STBaT, plain fine-tuning, NLinear, target-only
 training and the classical floor (persistence, seasonal naive, ARIMA), all deep methods with
 the same backbone, settings and seeds (the library defaults, chosen on validation; see
-docs/results.md). About 2.5 minutes on 2 CPU cores once `.venv` exists; the full study is
-`stbat experiment examples/experiments/study.toml`.
+docs/results.md). Its measured run time and results are in docs/results.md, "`make demo`";
+the full study is `stbat experiment examples/experiments/study.toml`.
 """
 
 from __future__ import annotations

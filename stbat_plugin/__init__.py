@@ -12,8 +12,10 @@ from stbat_plugin._registry import (
     list_backbones,
 )
 from stbat_plugin.adapters import BackboneContractError, FeatureExtractor, TapFeatures
+from stbat_plugin.backbone import Backbone, CityFacts
 from stbat_plugin.hookspecs import hookimpl, hookspec
 from stbat_plugin.network import FeedForward, PredictionNetwork
+from stbat_plugin.options import STBaTOptions
 from stbat_plugin.riam import RIAM
 from stbat_plugin.wrapper import BalancedTransfer, Losses
 
@@ -23,11 +25,14 @@ _compat.install()  # old paths of the pipeline modules (stbat_plugin.api, ...) s
 
 __all__ = [
     "BalancedTransfer",
+    "STBaTOptions",
     "Losses",
     "PredictionNetwork",
     "FeedForward",
     "RIAM",
     "TapFeatures",
+    "Backbone",
+    "CityFacts",
     "FeatureExtractor",
     "BackboneContractError",
     "BackboneRegistry",

@@ -22,6 +22,7 @@ import pluggy
 from torch import nn
 
 from stbat_plugin import hookspecs
+from stbat_plugin.backbone import LAYOUTS, declared_layout
 
 __all__ = [
     "BackboneSpec",
@@ -34,9 +35,6 @@ __all__ = [
     "load_plugin",
     "registry_with_plugins",
 ]
-
-LAYOUTS = ("graph", "grid")
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -52,7 +50,13 @@ class BackboneSpec:
 
 
 class Register:
-    """The ``register`` object handed to ``stbat_register_backbones`` of one plugin."""
+    """The ``register`` object handed to ``stbat_register_backbones`` of one plugin.
+
+    ``register(name, factory, layout=None, description="")``: the layout is the one the
+    factory class declares (its ``layout`` attribute), ``"graph"`` when it declares none; a
+    ``layout=`` given as well must agree with it (a function factory's models are checked
+    when built, :meth:`BackboneRegistry.create`).
+    """
 
     def __init__(self, registry: BackboneRegistry, plugin: str, dist: tuple[str, str] | None):
         self._registry = registry
@@ -64,16 +68,24 @@ class Register:
         name: str,
         factory: Callable[..., nn.Module],
         *,
-        layout: str = "graph",
+        layout: str | None = None,
         description: str = "",
     ) -> None:
-        if layout not in LAYOUTS:
+        if layout is not None and layout not in LAYOUTS:
             raise ValueError(
                 f"Backbone {name!r} from plugin {self._plugin!r}: layout must be one of "
                 f"{LAYOUTS} (got {layout!r})"
             )
         if not callable(factory):
             raise TypeError(f"Backbone {name!r}: factory must be callable (got {factory!r})")
+        declared = declared_layout(factory) if isinstance(factory, type) and \
+            hasattr(factory, "forward_features") else None
+        if layout is not None and declared is not None and layout != declared:
+            raise ValueError(
+                f"Backbone {name!r} from plugin {self._plugin!r}: register(layout={layout!r}) "
+                f"disagrees with {factory.__name__}.layout = {declared!r}; declare it once "
+                "(drop layout= and keep the class attribute)")
+        layout = layout or declared or "graph"
         dist, version = self._dist if self._dist else (None, None)
         spec = BackboneSpec(name, factory, layout, description, self._plugin, dist, version)
         self._registry._add(spec)
@@ -147,6 +159,12 @@ class BackboneRegistry:
             ) from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"Factory of backbone {name!r} returned {type(model).__name__}, not nn.Module")
+        built = declared_layout(model) if hasattr(model, "forward_features") else None
+        if built is not None and built != self.get(name).layout:
+            raise ValueError(
+                f"Backbone {name!r} is registered with layout {self.get(name).layout!r}, but the "
+                f"{type(model).__name__} its factory built declares layout {built!r}; make "
+                "register(layout=...) and the model's layout agree")
         return model
 
     def adapt(self, model: nn.Module) -> Any:

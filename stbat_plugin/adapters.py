@@ -1,10 +1,11 @@
 """Turning a user's model into a feature extractor, without editing its code.
 
-Three ways, in this order:
+Three ways, tried in this order by :func:`resolve_backbone`:
 
-1. the model has ``forward_features(x, **graph) -> [b, n, d]``: used as is;
-2. ``tap="name"``: a named submodule's output (or input) is the feature
-   (:class:`~stbat_plugin.taps.TapFeatures`, a forward hook);
+1. ``tap="name"``: a named submodule's output (or input) is the feature
+   (:class:`~stbat_plugin.taps.TapFeatures`, a forward hook); an explicit tap wins, even
+   over the model's own ``forward_features``;
+2. the model has ``forward_features(x, **graph) -> [b, n, d]``: used as is;
 3. a plugin claims the model through the ``stbat_adapt_backbone`` hook.
 
 The user's model object is never modified: a ``feature_dim=`` that the model does not
@@ -20,16 +21,16 @@ import einops
 from torch import Tensor, nn
 
 from stbat_plugin._features import BackboneContractError, accepted_kwargs
+from stbat_plugin.backbone import LAYOUTS, CityFacts, city_context, declared_layout
 from stbat_plugin.taps import TapFeatures
 
 __all__ = ["FeatureExtractor", "TapFeatures", "BackboneContractError", "resolve_backbone"]
 
-LAYOUTS = ("graph", "grid")
-
 
 @runtime_checkable
 class FeatureExtractor(Protocol):
-    """What the wrapper needs: per-region features ``[b, n, d]`` of ``feature_dim`` d."""
+    """What the wrapper needs: per-region features ``[b, n, d]`` of ``feature_dim`` d (the
+    required part of :class:`~stbat_plugin.backbone.Backbone`)."""
 
     feature_dim: int
 
@@ -47,17 +48,14 @@ class WithFeatureDim(nn.Module):
     def __init__(self, model: nn.Module, feature_dim: int):
         super().__init__()
         self.model, self.feature_dim = model, int(feature_dim)
-        layout = getattr(model, "layout", "graph")
-        self.layout = layout if layout in LAYOUTS else "graph"
+        self.layout = declared_layout(model) or "graph"
 
     def forward_features(self, x: Tensor, **graph: Any) -> Tensor:
         model: Any = self.model
         return model.forward_features(x, **accepted_kwargs(model.forward_features, graph))
 
-    def prepare_city(self, train_flow: Tensor, **graph: Any) -> dict[str, Any]:
-        prepare = getattr(self.model, "prepare_city", None)
-        return {} if prepare is None else (prepare(train_flow, **accepted_kwargs(prepare, graph))
-                                           or {})
+    def prepare_city(self, city: CityFacts) -> dict[str, Any]:
+        return city_context(self.model, city)
 
     def forward(self, x: Tensor, **graph: Any) -> Tensor:
         return self.forward_features(x, **graph)

@@ -44,10 +44,13 @@ __all__ = [
     "simdcl_loss_from_embeddings",
     "chunk_rows",
     "weighted_prediction_loss",
+    "LOSSES",
     "AUTO_DENSE_MAX",
     "CHUNK_ELEMENTS",
 ]
 
+#: elementwise losses of :func:`weighted_prediction_loss`
+LOSSES = ("mse", "mae", "huber")
 AUTO_DENSE_MAX = 2048
 """Up to this many regions, ``chunk=None`` computes the ``[n, n]`` quantities in one block."""
 CHUNK_ELEMENTS = 1 << 22
@@ -671,6 +674,7 @@ def weighted_prediction_loss(
     weights: Tensor | None = None,
     mask: Tensor | None = None,
     loss: str = "mse",
+    huber_delta: float = 1.0,
 ) -> Tensor:
     r"""Density-weighted prediction loss (Eq. 15), averaged over valid entries.
 
@@ -690,13 +694,19 @@ def weighted_prediction_loss(
         weights: ``[n]`` per-region weights, finite and >= 0 (default: ``None``, all ones).
         mask: boolean or 0/1 tensor broadcastable to ``pred`` (default: ``None``).
         loss: ``"mse"``, ``"mae"`` or ``"huber"`` (default: ``"mse"``).
+        huber_delta: where ``"huber"`` turns from quadratic to linear, in the units of
+            ``pred``: :math:`\ell(e) = e^2 / 2` for :math:`|e| < \delta`, else
+            :math:`\delta (|e| - \delta / 2)` (default: ``1.0``; on data scaled to
+            ``[0, 1]`` almost every error is below 1, so a smaller delta, e.g. ``0.1``, is
+            what makes the loss robust).
     """
     _check_float("pred", pred)
     _check_float("target", target)
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {list(pred.shape)} vs {list(target.shape)}")
-    if loss not in ("mse", "mae", "huber"):
+    if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose 'mse', 'mae' or 'huber'")
+    delta = _positive_finite("huber_delta", huber_delta)
     if pred.numel() == 0:
         raise ValueError(f"pred must hold at least one entry (got shape {list(pred.shape)})")
     keep = None
@@ -718,10 +728,10 @@ def weighted_prediction_loss(
                              "(use density_weights, or clamp the weights)")
         w = weights.to(pred.dtype).unsqueeze(-1)
         with torch.no_grad():  # weight 0 on an error beyond the dtype's range: 0, not 0 * inf = NaN
-            drop = (w == 0) & ~torch.isfinite(_elementwise_loss(pred, target, loss))
+            drop = (w == 0) & ~torch.isfinite(_elementwise_loss(pred, target, loss, delta))
         zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
         pred, target = torch.where(drop, zero, pred), torch.where(drop, zero, target)
-    err = _elementwise_loss(pred, target, loss)
+    err = _elementwise_loss(pred, target, loss, delta)
     if w is not None:
         err = err * w
     if keep is None:
@@ -746,11 +756,11 @@ def _check_mask(mask: object, pred: Tensor) -> Tensor:
                          f"{list(pred.shape)}") from err
 
 
-def _elementwise_loss(pred: Tensor, target: Tensor, loss: str) -> Tensor:
+def _elementwise_loss(pred: Tensor, target: Tensor, loss: str, delta: float = 1.0) -> Tensor:
     if loss == "mse":
         return (pred - target).pow(2)
     if loss == "mae":
         return (pred - target).abs()
     if loss == "huber":
-        return F.huber_loss(pred, target, reduction="none")
+        return F.huber_loss(pred, target, reduction="none", delta=delta)
     raise ValueError(f"Unknown loss {loss!r}; choose 'mse', 'mae' or 'huber'")

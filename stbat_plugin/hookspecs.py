@@ -29,19 +29,21 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def stbat_register_backbones(register: Register) -> None:
     """Register backbone factories.
 
-    Call ``register(name, factory, layout="graph", description="")`` once per
+    Call ``register(name, factory, layout=None, description="")`` once per
     backbone. ``factory(**kwargs)`` must return an ``nn.Module`` with
-    ``forward_features(x, **graph) -> [b, n, d]`` and an int ``feature_dim``, e.g. a
-    ``TapFeatures`` around a model nobody wrote for STBaT, or a model that this or
-    another plugin's ``stbat_adapt_backbone`` claims (see ``docs/plugins.md``).
-    ``layout`` is ``"graph"`` (input ``[b, t, n, c]`` plus ``edge_index`` /
-    ``edge_weight``) or ``"grid"`` (input ``[b, t, c, h, w]``).
+    ``forward_features(x, **graph) -> [b, n, d]`` and an int ``feature_dim``
+    (:class:`stbat_plugin.backbone.Backbone`), e.g. a ``TapFeatures`` around a model nobody
+    wrote for STBaT, or a model that this or another plugin's ``stbat_adapt_backbone``
+    claims (see ``docs/plugins.md``). The layout is ``"graph"`` (input ``[b, t, n, c]``
+    plus ``edge_index`` / ``edge_weight``) or ``"grid"`` (input ``[b, t, c, h, w]``),
+    declared once: by the factory class's ``layout`` attribute, or by ``layout=`` for a
+    factory that is a function (both given must agree; neither: ``"graph"``).
 
     Example::
 
         @hookimpl
         def stbat_register_backbones(register):
-            register("my_gru", MyGRU, layout="graph", description="a GRU per region")
+            register("my_gru", MyGRU, description="a GRU per region")  # MyGRU.layout = "graph"
     """
 
 

@@ -52,6 +52,7 @@ class RIAM(nn.Module):
                  hidden: int = 16, decoder_hidden: int = 32, use_poi: bool = True,
                  use_fdp: bool = True, min_sigma: float = 1e-2):
         super().__init__()
+        self.num_descriptors = int(num_descriptors)
         self.encoder = FeedForward(num_descriptors, hidden, embed_dim)
         self.poi_classifier = (
             FeedForward(embed_dim, decoder_hidden, num_descriptors) if use_poi else None

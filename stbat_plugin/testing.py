@@ -25,6 +25,7 @@ from stbat_plugin._shapes import (
     user_model,
 )
 from stbat_plugin.adapters import TapFeatures, WithFeatureDim, resolve_backbone
+from stbat_plugin.backbone import CityFacts, backbone_layout, city_context
 from stbat_plugin.network import PredictionNetwork
 
 __all__ = ["BackboneReport", "check_backbone", "ring_graph", "smoke_train"]
@@ -116,15 +117,18 @@ def check_backbone(
     """Assert that ``backbone`` gives STBaT what it needs; return what was only reported.
 
     Checks, each failure an ``AssertionError`` naming the check (``contract``,
-    ``features at batch b``, ``gradients``, ``region count``, ``permutation``, ``device``):
-    the model resolves to ``forward_features`` and an int ``feature_dim`` (as
-    ``BalancedTransfer`` would wrap it); output ``[b, n, d]`` for a batch of 1 and of many;
+    ``features at batch b``, ``gradients``, ``region count``, ``permutation``,
+    ``prepare_city``, ``device``): the model resolves to ``forward_features`` and an int
+    ``feature_dim`` (as ``BalancedTransfer`` would wrap it), with a valid ``layout`` if it
+    declares one; output ``[b, n, d]`` for a batch of 1 and of many;
     finite values; a gradient from the features reaches the parameters that produce them
     (parameters it never reaches, such as the model's own head behind a tap, are reported
     in :attr:`BackboneReport.unreached`); it runs at a second region count, and no
     parameter's shape follows ``n`` (per-node parameters are named); for graph layouts,
     permuting the nodes (and relabelling ``edge_index``) permutes the features the same
-    way; and, when ``device`` is given, it runs there. Everything runs in the model's own
+    way; a ``prepare_city`` (if any) returns a dict for a :class:`CityFacts` of random
+    training flow, and the features with that context still have the right shape; and,
+    when ``device`` is given, it runs there. Everything runs in the model's own
     dtype, on a copy: ``backbone`` is not modified.
 
     Args:
@@ -146,7 +150,8 @@ def check_backbone(
     strict = _written_for_stbat(model, extractor) if strict is None else strict
     dtype = next((p.dtype for p in (*extractor.parameters(), *extractor.buffers())
                   if p.is_floating_point()), torch.get_default_dtype())
-    layout = str(layout or getattr(extractor, "layout", "graph"))
+    with _check("contract"):
+        layout = str(layout or backbone_layout(extractor))
     net = PredictionNetwork(extractor).to(dtype)
     case = _Case(layout, window, in_channels, dtype, torch.Generator().manual_seed(0))
     sizes: tuple[Any, Any] = ((grid_shape, (grid_shape[0] + 1, grid_shape[1])) if layout == "grid"
@@ -158,6 +163,8 @@ def check_backbone(
     if layout == "graph":
         with _check("permutation"):
             _check_permutation(net, case, n, atol if atol is not None else ATOL.get(dtype, 1e-2))
+    with _check("prepare_city"):
+        _check_prepare_city(net, case, sizes[0])
     if device is not None:
         with _check("device"):
             x, graph, _ = case.make(sizes[0], 2)
@@ -248,6 +255,19 @@ def _check_region_counts(net: PredictionNetwork, case: _Case, sizes: tuple[Any, 
         changed = changed_shapes(before, shape_snapshot(model))
         assert not changed, f"parameters change shape with the region count: {changed}"
     return n1, n2
+
+
+def _check_prepare_city(net: PredictionNetwork, case: _Case, size: Any) -> None:
+    """The per-city context of two days of random training flow, used in a forward."""
+    x, graph, n = case.make(size, 2)
+    flow = torch.rand(48, n, case.in_channels, generator=case.gen, dtype=case.dtype)
+    info = CityFacts(num_regions=n, steps_per_day=24, train_flow=flow,
+                    edge_index=graph.get("edge_index"))
+    context = city_context(net.extractor, info)
+    assert isinstance(context, dict), f"returned {type(context).__name__}, not a dict"
+    with torch.no_grad():
+        z = net.forward_features(x, **graph, **context)
+    assert z.shape == (2, n, net.feature_dim), f"with its context: got shape {list(z.shape)}"
 
 
 def _check_permutation(net: PredictionNetwork, case: _Case, n: int, atol: float) -> None:

@@ -2,79 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-import math
+import dataclasses
+import difflib
+import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from stbat_plugin import functional as SF
 from stbat_plugin.adapters import resolve_backbone
+from stbat_plugin.imbalance import CityImbalance
+from stbat_plugin.losses import Losses, NonFiniteLossError, StepOneLoss, finite_losses
 from stbat_plugin.network import FeedForward, PredictionNetwork
+from stbat_plugin.options import STBaTOptions, options_doc
 from stbat_plugin.precision import autocast
 from stbat_plugin.riam import RIAM, normalize_descriptors
 
-__all__ = ["BalancedTransfer", "Losses", "NonFiniteLossError", "finite_losses"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BalancedTransfer", "Losses", "StepOneLoss", "NonFiniteLossError", "finite_losses"]
 
 DEFAULT_CITY = "default"
-
-
-@dataclass(frozen=True)
-class Losses:
-    """Named loss breakdown of one iteration (floats; 0.0 where a term is switched off).
-
-    ``total`` is step 1's objective (``pred + simdcl_weight * simdcl``); ``emb`` is
-    RIAM's L_emb of step 2 (``poi_ce + beta * kld``), optimised separately.
-    """
-
-    total: float
-    pred: float
-    simdcl: float = 0.0
-    emb: float = 0.0
-    poi_ce: float = 0.0
-    kld: float = 0.0
-    skipped: float = 0.0  # 1.0 when the step was skipped for a non-finite loss
-
-    def as_dict(self) -> dict[str, float]:
-        """The terms by name (``skipped`` only when the step was skipped)."""
-        out = asdict(self)
-        if not self.skipped:
-            del out["skipped"]
-        return out
-
-
-class _City(nn.Module):
-    """Per-city state: descriptors, valid regions, and the cached imbalance (rho, delta).
-
-    With ``chunk=None`` the similarity is held as the dense ``delta`` ``[n, n]``; with a
-    chunk size (large cities) only the embeddings ``phi`` ``[n, D]`` are held, and SimDCL
-    recomputes its rows of delta per block of anchors (no ``[n, n]`` tensor).
-    """
-
-    descriptors: Tensor
-    valid: Tensor
-    log_density: Tensor
-    delta: Tensor
-    phi: Tensor
-
-    def __init__(self, descriptors: Tensor, valid: Tensor, *, embed_dim: int = 32,
-                 chunk: int | None = None):
-        super().__init__()
-        m = int(valid.sum())
-        self.chunk = chunk
-        self.register_buffer("descriptors", descriptors)
-        self.register_buffer("valid", valid)
-        self.register_buffer("log_density", torch.zeros(m))
-        if chunk is None:
-            self.register_buffer("delta", torch.zeros(m, m))
-        else:
-            self.register_buffer("phi", torch.zeros(m, embed_dim))
-        self.fresh = False
 
 
 class BalancedTransfer(nn.Module):
@@ -102,31 +50,25 @@ class BalancedTransfer(nn.Module):
             :func:`~stbat_plugin.adapters.resolve_backbone` (``tap_input``, ``tap_select``,
             ``tap_calls``, ``tap_rearrange``, ``tap_reduce_time``, ``graph_kwargs``; see
             docs/plugins.md, "Wrapping a model you did not write").
-        embed_dim: RIAM embedding size ``D`` (default: ``32``).
-        bandwidth: KDE bandwidth ``h`` (default: ``0.85``).
-        tau: SimDCL temperature (default: ``1.0``).
-        beta: weight of the KLD in :math:`\mathcal{L}_{emb}` (default: ``0.01``).
-        simdcl_weight: weight of SimDCL next to the prediction loss (default: ``1.0``;
-            the paper gives none).
-        use_poi, use_fdp, use_simdcl, use_weighted_loss: the paper's ablations
-            (w/o POI, w/o FDP, w/o SimDCL, w/o WLoss); a switched-off term is neither
-            built nor computed.
-        loss: elementwise prediction loss, ``"mse"``, ``"mae"`` or ``"huber"`` (default: ``"mse"``).
-        predictor_hidden, projector_dim: widths (default: ``256`` each, as the paper).
+        predictor_hidden: width of the predictor's hidden layer (default: ``256``, as the paper).
         normalize: per-window input normalisation of the transferable network,
             ``"none"``, ``"revin"`` or ``"last"`` (default: ``"none"``; see
             :func:`stbat_plugin.network.window_norm`).
         linear_skip, window: a linear autoregressive highway from the input window to the
             output (see :class:`~stbat_plugin.network.PredictionNetwork`; default: off).
-        min_sigma: floor of both sigmas in the KLD, in feature units (default: ``1e-2``).
-        simdcl_chunk: anchor rows per block of SimDCL, the KDE and the similarity, memory
-            O(chunk x n) (default: ``None``, automatic: one block up to
-            :data:`~stbat_plugin.functional.AUTO_DENSE_MAX` regions, as before, then blocks of
-            ~4 M entries; a chunked city holds its embeddings, not an ``[n, n]`` delta).
-        simdcl_anchors: SimDCL over this many anchor rows drawn per step, an unbiased
-            estimate of the loss and its gradient (default: ``None``, every region, exact).
+        lag_channels: seasonal lag input channels per forecast channel, normalised like the
+            series (see :class:`~stbat_plugin.network.PredictionNetwork`; default: ``0``).
         registry: backbone registry whose adapter hooks may claim ``backbone``
             (default: the installed plugins).
+        options: the STBaT settings as one :class:`~stbat_plugin.options.STBaTOptions`
+            (default: ``None``, its defaults); each of its fields may also be given as a
+            keyword argument (over ``options``, when both are given):
+
+<STBaTOptions fields>
+
+        The use_* switches are the paper's ablations (w/o POI, w/o FDP, w/o SimDCL,
+        w/o WLoss); a switched-off term is neither built nor computed. The options are
+        checked on construction and readable as attributes (``model.tau``, read-only).
 
     Shapes:
         x: ``[b, t, n, c]`` -> prediction ``[b, s, n, c_out]``.
@@ -149,34 +91,17 @@ class BalancedTransfer(nn.Module):
         tap_reduce_time: str | None = None,
         input_rearrange: str | None = None,
         graph_kwargs: tuple[str, ...] | None = None,
-        embed_dim: int = 32,
-        bandwidth: float = 0.85,
-        tau: float = 1.0,
-        beta: float = 0.01,
-        simdcl_weight: float = 1.0,
-        use_poi: bool = True,
-        use_fdp: bool = True,
-        use_simdcl: bool = True,
-        use_weighted_loss: bool = True,
-        loss: str = "mse",
         predictor_hidden: int = 256,
-        projector_dim: int = 256,
-        min_sigma: float = 1e-2,
         normalize: str = "none",
         linear_skip: bool = False,
         window: int | None = None,
-        simdcl_chunk: int | None = None,
-        simdcl_anchors: int | None = None,
+        lag_channels: int = 0,
         registry: Any = None,
+        options: STBaTOptions | None = None,
+        **settings: Any,
     ):
         super().__init__()
-        SF.chunk_rows(1, simdcl_chunk)  # validates
-        if simdcl_anchors is not None and (isinstance(simdcl_anchors, bool)
-                                           or not isinstance(simdcl_anchors, int) or simdcl_anchors < 1):
-            raise ValueError(f"simdcl_anchors must be a whole number >= 1 or None for every region "
-                             f"(got {simdcl_anchors!r})")
-        self.simdcl_chunk, self.simdcl_anchors = simdcl_chunk, simdcl_anchors
-        self.embed_dim = int(embed_dim)
+        self.options = opts = _options(options, settings)
         extractor = resolve_backbone(backbone, tap=tap, feature_dim=feature_dim,
                                      tap_rearrange=tap_rearrange, tap_input=tap_input,
                                      tap_select=tap_select, tap_calls=tap_calls,
@@ -185,15 +110,14 @@ class BalancedTransfer(nn.Module):
                                      graph_kwargs=graph_kwargs, registry=registry)
         self.net = PredictionNetwork(extractor, horizon=horizon, out_channels=out_channels,
                                      hidden=predictor_hidden, normalize=normalize,
-                                     linear_skip=linear_skip, window=window)
+                                     linear_skip=linear_skip, window=window,
+                                     lag_channels=lag_channels)
         d = self.net.feature_dim
-        self.bandwidth, self.tau, self.beta = float(bandwidth), float(tau), float(beta)
-        self.simdcl_weight, self.loss = float(simdcl_weight), loss
-        self.use_simdcl, self.use_weighted_loss = use_simdcl, use_weighted_loss
-        self.projector = FeedForward(2 * d, projector_dim, projector_dim) if use_simdcl else None
+        self.projector = FeedForward(2 * d, opts.projector_dim, opts.projector_dim) \
+            if opts.use_simdcl else None
         self.cities = nn.ModuleDict()
         self.riam: RIAM | None = None
-        if not (use_simdcl or use_weighted_loss):
+        if not (opts.use_simdcl or opts.use_weighted_loss):
             return  # RIAM would have no consumer: not built
         features = _as_city_mapping(region_features)
         ks = {name: f.shape[-1] for name, f in features.items()}
@@ -202,8 +126,8 @@ class BalancedTransfer(nn.Module):
                 f"Every city needs descriptors of the same size k, since RIAM is shared (got {ks}); "
                 "use the same POI categories everywhere or the temporal-profile fallback for all"
             )
-        self.riam = RIAM(next(iter(ks.values())), d, embed_dim=embed_dim, use_poi=use_poi,
-                         use_fdp=use_fdp, min_sigma=min_sigma)
+        self.riam = RIAM(next(iter(ks.values())), d, embed_dim=opts.embed_dim,
+                         use_poi=opts.use_poi, use_fdp=opts.use_fdp, min_sigma=opts.min_sigma)
         for name, feats in features.items():
             self.add_city(name, feats, None if valid_regions is None else valid_regions.get(name))
 
@@ -215,7 +139,7 @@ class BalancedTransfer(nn.Module):
         if not name or "." in name:
             raise ValueError(f"City name must be non-empty and contain no '.' (got {name!r})")
         p = normalize_descriptors(torch.as_tensor(region_features, dtype=torch.float32))
-        k = self.riam.encoder[0].in_features
+        k = self.riam.num_descriptors
         if p.shape[1] != k:
             raise ValueError(f"City {name!r}: descriptors have k={p.shape[1]}, RIAM expects k={k}")
         mask = torch.ones(p.shape[0], dtype=torch.bool) if valid is None else \
@@ -226,17 +150,48 @@ class BalancedTransfer(nn.Module):
                 f"with at least 2 True (got shape {list(mask.shape)}, {int(mask.sum())} True)"
             )
         device = next(self.riam.parameters()).device
-        chunk = SF.chunk_rows(int(mask.sum()), self.simdcl_chunk)
-        self.cities[name] = _City(p.to(device), mask.to(device), embed_dim=self.embed_dim, chunk=chunk)
+        chunk = SF.chunk_rows(int(mask.sum()), self.options.simdcl_chunk)
+        self.cities[name] = CityImbalance(p.to(device), mask.to(device),
+                                          embed_dim=self.options.embed_dim, chunk=chunk)
+
+    #: which optimiser trains each child module (Sec. 4.3): ``"stblm"`` (step 1) or ``"riam"``
+    #: (step 2); ``None`` for a child that holds no parameters. A child with parameters that
+    #: is not listed is refused by :meth:`parameter_groups`, never left untrained: a subclass
+    #: that adds one declares it, ``OPTIMISED_BY = {**BalancedTransfer.OPTIMISED_BY, "x": "stblm"}``.
+    OPTIMISED_BY: ClassVar[Mapping[str, str | None]] = {
+        "net": "stblm", "projector": "stblm", "riam": "riam", "cities": None}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters of each optimiser, by which child module owns them (:attr:`OPTIMISED_BY`).
+
+        Raises:
+            ValueError: a parameter whose owner is not in :attr:`OPTIMISED_BY` (or is listed
+                as holding none), naming it and the fix.
+        """
+        groups: dict[str, list[nn.Parameter]] = {"stblm": [], "riam": []}
+        stray = [name for name, _ in self.named_parameters(recurse=False)]
+        for name, child in self.named_children():
+            params = list(child.parameters())
+            group = self.OPTIMISED_BY.get(name)
+            if group in groups:
+                groups[group] += params
+            elif params:
+                stray.append(name)
+        if stray:
+            raise ValueError(
+                f"{type(self).__name__} has parameters in {stray} that no optimiser owns "
+                f"(expected every child with parameters in OPTIMISED_BY, got "
+                f"{dict(self.OPTIMISED_BY)}); declare them: OPTIMISED_BY = "
+                f"{{**BalancedTransfer.OPTIMISED_BY, {stray[0]!r}: 'stblm'}} (or 'riam')")
+        return groups
 
     def stblm_parameters(self) -> list[nn.Parameter]:
         """theta_feat, theta_pred and theta_proj: what step 1 of Sec. 4.3 updates."""
-        params = list(self.net.parameters())
-        return params + (list(self.projector.parameters()) if self.projector is not None else [])
+        return self.parameter_groups()["stblm"]
 
     def riam_parameters(self) -> list[nn.Parameter]:
         """theta_enc and theta_dec: what step 2 of Sec. 4.3 updates."""
-        return list(self.riam.parameters()) if self.riam is not None else []
+        return self.parameter_groups()["riam"]
 
     def configure_optimizers(self, lr: float = 1e-3, riam_lr: float | None = None,
                              weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, ...]:
@@ -260,12 +215,12 @@ class BalancedTransfer(nn.Module):
         """Current region weights ``[n]`` of a city (Eq. 14; 0 outside valid regions)."""
         state = self._city(city)
         self.refresh_imbalance(state)
-        return self._region_weights(state)
+        return state.region_weights()
 
     @torch.no_grad()
-    def refresh_imbalance(self, city: str | _City | None = None) -> None:
+    def refresh_imbalance(self, city: str | CityImbalance | None = None) -> None:
         """Recompute rho (Eq. 6) and delta (Eq. 7) of a city from the current RIAM."""
-        state = city if isinstance(city, _City) else self._city(city)
+        state = city if isinstance(city, CityImbalance) else self._city(city)
         if self.riam is None:
             return
         phi = self.riam(state.descriptors[state.valid])
@@ -273,14 +228,23 @@ class BalancedTransfer(nn.Module):
             raise NonFiniteLossError(
                 "RIAM's region embeddings are not finite (its parameters diverged); the "
                 "imbalance state was left as it was: lower --lr, or check the descriptors")
-        if self.use_weighted_loss:
-            state.log_density.copy_(SF.kde_log_density(phi, self.bandwidth) if state.chunk is None
-                                    else SF.kde_log_density(phi, self.bandwidth, chunk=state.chunk))
-        if self.use_simdcl and state.chunk is None:
-            state.delta.copy_(SF.pattern_similarity(phi))
-        elif self.use_simdcl:
-            state.phi.copy_(phi)  # delta rows are recomputed per block by SimDCL
-        state.fresh = True
+        state.update(phi, self.options.bandwidth, density=self.options.use_weighted_loss,
+                     similarity=self.options.use_simdcl)
+
+    def imbalance_state(self) -> dict[str, dict[str, Tensor]]:
+        """The derived state (rho, delta or phi) of every city that has it computed.
+
+        ``state_dict`` leaves it out, since it is recomputed from RIAM; a run that must go on
+        bit-identically saves it too (a city's state lags RIAM by the steps of the other
+        cities since its own last step) and puts it back with :meth:`load_imbalance_state`.
+        """
+        cities: dict[str, Any] = dict(self.cities)
+        return {name: city.derived_state() for name, city in cities.items() if city.fresh}
+
+    def load_imbalance_state(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Put back :meth:`imbalance_state` (after ``load_state_dict``)."""
+        for name, buffers in state.items():
+            self._city(name).load_derived_state(dict(buffers))
 
     # ------------------------------------------------------------------ training
     #: training precision of the forward pass (:mod:`stbat_plugin.precision`): ``"fp32"`` or
@@ -327,7 +291,7 @@ class BalancedTransfer(nn.Module):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip' (got {on_nonfinite!r})")
         state = self._city(city) if self.riam is not None else None
         if state is not None:
-            _check_regions(state, x, city or next(iter(self.cities)))
+            state.check_regions(x, city or next(iter(self.cities)))
         if state is not None and not state.fresh:
             self.refresh_imbalance(state)
         where = f"city {city!r}" if city is not None else "the batch"
@@ -370,16 +334,17 @@ class BalancedTransfer(nn.Module):
         return Losses(total=float(stblm_loss.detach()),
                       **{k: float(v.detach()) for k, v in parts.items()})
 
-    def stblm_loss(self, x: Tensor, y: Tensor, *, state: _City | None = None,
-                   mask: Tensor | None = None, **graph: Any):
-        """Step 1's loss; returns ``(loss, parts, (mu, sigma) detached or None)``."""
+    def stblm_loss(self, x: Tensor, y: Tensor, *, state: CityImbalance | None = None,
+                   mask: Tensor | None = None, **graph: Any) -> StepOneLoss:
+        """Step 1's loss, its terms and the detached statistics for step 2 (:class:`StepOneLoss`)."""
         with autocast(x.device, self.precision):  # bf16: the forward only; losses in x's dtype
             pred, z = self.net.forward_with_features(x, **graph)
         pred, z = pred.to(x.dtype), z.to(x.dtype)
-        weights = self._region_weights(state) if state is not None and self.use_weighted_loss \
-            else None
+        opts = self.options
+        weights = state.region_weights() if state is not None and opts.use_weighted_loss else None
         parts: dict[str, Tensor] = {}
-        parts["pred"] = SF.weighted_prediction_loss(pred, y, weights, mask, loss=self.loss)
+        parts["pred"] = SF.weighted_prediction_loss(pred, y, weights, mask, loss=opts.loss,
+                                                    huber_delta=opts.huber_delta)
         total = parts["pred"]
         stats: tuple[Tensor | None, Tensor | None] = (None, None)
         if state is not None and (self.projector is not None or self._uses_fdp):
@@ -387,33 +352,22 @@ class BalancedTransfer(nn.Module):
             stats = (mu.detach(), sigma.detach())
             if self.projector is not None:
                 d = self.projector(torch.cat([mu, sigma], dim=-1))
-                parts["simdcl"] = self._simdcl(d, state)
-                total = total + self.simdcl_weight * parts["simdcl"]
-        return total, parts, stats
-
-    def _simdcl(self, d: Tensor, state: _City) -> Tensor:
-        if state.chunk is not None:
-            return SF.simdcl_loss_from_embeddings(d, state.phi, self.tau, chunk=state.chunk,
-                                                  anchors=self.simdcl_anchors)
-        if self.simdcl_anchors is None:
-            return SF.simdcl_loss(d, state.delta, self.tau)
-        return SF.simdcl_loss(d, state.delta, self.tau, anchors=self.simdcl_anchors)
+                parts["simdcl"] = state.simdcl(d, opts.tau, opts.simdcl_anchors)
+                total = total + opts.simdcl_weight * parts["simdcl"]
+        return StepOneLoss(total, parts, stats)
 
     @property
     def _uses_fdp(self) -> bool:
         return self.riam is not None and self.riam.fdp_mu is not None
 
-    def riam_loss(self, state: _City, mu: Tensor | None, sigma: Tensor | None):
-        assert self.riam is not None
-        return self.riam.loss(state.descriptors[state.valid], mu, sigma, self.beta)
+    def riam_loss(self, state: CityImbalance, mu: Tensor | None,
+                  sigma: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Step 2's :math:`\\mathcal{L}_{emb}` (Eq. 5) of a city and its terms."""
+        if self.riam is None:
+            raise ValueError("This BalancedTransfer has no RIAM (SimDCL and WLoss are both off)")
+        return self.riam.loss(state.descriptors[state.valid], mu, sigma, self.options.beta)
 
-    def _region_weights(self, state: _City) -> Tensor:
-        w = torch.zeros(state.valid.shape[0], dtype=state.log_density.dtype,
-                        device=state.valid.device)
-        w[state.valid] = SF.density_weights(state.log_density)
-        return w
-
-    def _city(self, city: str | None) -> _City:
+    def _city(self, city: str | None) -> CityImbalance:
         if self.riam is None:
             raise ValueError("This BalancedTransfer has no RIAM (SimDCL and WLoss are both off)")
         if city is None:
@@ -425,12 +379,47 @@ class BalancedTransfer(nn.Module):
         return self.cities[city]  # type: ignore[return-value]
 
 
-def _check_regions(state: _City, x: Tensor, city: str) -> None:
-    n = x.shape[2] if x.dim() == 4 else x.shape[-2] * x.shape[-1]
-    if state.valid.shape[0] != n:
-        raise ValueError(f"Expected 'region_features' of city {city!r} with one row per region of "
-                         f"x, n={n} (got {state.valid.shape[0]} rows); pass the descriptors of the "
-                         "regions in x, in the same order")
+def _option_property(name: str) -> property:
+    return property(lambda self: getattr(self.options, name),
+                    doc=f"``options.{name}`` (read-only: a setting is fixed on construction).")
+
+
+def _document_options() -> None:
+    """The options of :class:`STBaTOptions` in the signature and docstring of the wrapper,
+    and readable as its attributes: declared once, in the dataclass."""
+    init: Any = BalancedTransfer.__init__
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for f in dataclasses.fields(STBaTOptions)]
+    init.__signature__ = sig.replace(parameters=params)
+    BalancedTransfer.__doc__ = (BalancedTransfer.__doc__ or "").replace(
+        "<STBaTOptions fields>", options_doc(indent=" " * 12))
+    for f in dataclasses.fields(STBaTOptions):
+        setattr(BalancedTransfer, f.name, _option_property(f.name))
+
+
+_document_options()
+
+
+def _options(options: STBaTOptions | None, settings: dict[str, Any]) -> STBaTOptions:
+    """``options`` with the setting keyword arguments over it (both checked)."""
+    known = [f.name for f in dataclasses.fields(STBaTOptions)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        explicit = [n for n in inspect.signature(BalancedTransfer.__init__).parameters
+                    if n not in ("self", "settings")]
+        close = {n: difflib.get_close_matches(n, known + explicit, n=1) for n in unknown}
+        hint = "; ".join(f"{n!r}: did you mean {c[0]!r}?" for n, c in close.items() if c)
+        raise TypeError(f"BalancedTransfer got unexpected keyword argument(s) {unknown}"
+                        f"{' (' + hint + ')' if hint else ''}; its settings are {known} "
+                        f"(STBaTOptions) and {explicit}")
+    if options is None:
+        return STBaTOptions(**settings)
+    if not isinstance(options, STBaTOptions):
+        raise TypeError(f"Expected 'options' to be an STBaTOptions (got {type(options).__name__}); "
+                        "e.g. options=STBaTOptions(tau=0.5), or pass the settings as keywords")
+    return dataclasses.replace(options, **settings) if settings else options
 
 
 def _as_city_mapping(region_features: Any) -> dict[str, Tensor]:
@@ -444,41 +433,3 @@ def _as_city_mapping(region_features: Any) -> dict[str, Tensor]:
             raise ValueError("region_features is an empty mapping: give at least one city")
         return {str(k): torch.as_tensor(v) for k, v in region_features.items()}
     return {DEFAULT_CITY: torch.as_tensor(region_features)}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; nothing was stepped on."""
-
-
-_TERMS = {"total": "total loss", "pred": "prediction loss", "simdcl": "SimDCL loss",
-          "emb": "RIAM loss L_emb", "poi_ce": "RIAM POI cross-entropy (CE)",
-          "kld": "RIAM feature-distribution KLD"}
-
-
-def finite_losses(parts: dict[str, Tensor], where: str, on_nonfinite: str = "raise", *,
-                  inputs: dict[str, Tensor] | None = None, mask: Tensor | None = None) -> bool:
-    """True when every loss term is finite. Otherwise False (``on_nonfinite="skip"``), or
-    :class:`NonFiniteLossError` naming the terms and the likely cause: non-finite values in
-    the batch's ``inputs`` (where they count: ``y`` under ``mask``) point at the data, finite
-    inputs at a diverging model."""
-    bad = [k for k, v in parts.items() if not math.isfinite(float(v.detach()))]
-    if not bad:
-        return True
-    if on_nonfinite == "skip":
-        log.warning("%s: non-finite %s; step skipped", where, ", ".join(bad))
-        return False
-    names = [_TERMS.get(k, k) for k in bad if k != "total"] or [_TERMS["total"]]
-    cause = "the model diverged: lower --lr (or --finetune-lr), or use on_nonfinite='skip'"
-    for name, t in (inputs or {}).items():
-        values = t if (name != "y" or mask is None) else t[mask.expand_as(t).bool()]
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-            cause = (f"the batch's {name} holds NaN or inf values, so the data is the cause: "
-                     "check the city file (unobserved cells must be 0 with observed=False)")
-            break
-        if values.is_floating_point() and values.numel() and float(values.abs().max()) > 1e15:
-            cause = (f"the batch's {name} holds values of {float(values.abs().max()):.3g}: "
-                     "check the city file and its scaling")
-            break
-    raise NonFiniteLossError(f"{where}: {', '.join(names)} became "
-                             f"{[float(parts[k].detach()) for k in bad]}; nothing was updated. "
-                             f"Cause: {cause}")

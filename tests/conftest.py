@@ -97,3 +97,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz cases this session ran, by suite and outcome (``tests/_fuzz_tally.py``);
+    also written as JSON to ``$STBAT_FUZZ_TALLY`` when set."""
+    import os
+
+    from _fuzz_tally import lines, write
+
+    text = lines()
+    if text:
+        terminalreporter.section("fuzz cases")
+        for line in text:
+            terminalreporter.write_line(line)
+    if os.environ.get("STBAT_FUZZ_TALLY"):
+        write(os.environ["STBAT_FUZZ_TALLY"])

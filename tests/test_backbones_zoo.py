@@ -12,6 +12,7 @@ import torch
 from stbat_backbones.gwnet import transition_matrices
 from stbat_backbones.pdformer import neighbourhood_mask, semantic_neighbours
 from stbat_plugin import BalancedTransfer
+from stbat_plugin.backbone import CityFacts, city_context
 from stbat_plugin.data import grid_graph
 from stbat_plugin.testing import check_backbone, ring_graph
 
@@ -41,9 +42,14 @@ def _knn_edges(coords: np.ndarray, k: int = 5) -> torch.Tensor:
     return torch.unique(edges, dim=1)
 
 
+def _info(train_flow: torch.Tensor, edge_index: torch.Tensor | None = None,
+          steps_per_day: int = 24) -> CityFacts:
+    return CityFacts(num_regions=train_flow.shape[1], steps_per_day=steps_per_day,
+                    train_flow=train_flow, edge_index=edge_index)
+
+
 def _context(model: torch.nn.Module, train_flow: torch.Tensor, edge_index: torch.Tensor):
-    prepare = getattr(model, "prepare_city", None)
-    return {} if prepare is None else prepare(train_flow, edge_index=edge_index)
+    return city_context(model, _info(train_flow, edge_index))
 
 
 # --------------------------------------------------------------------------- contract
@@ -121,18 +127,18 @@ def test_prepare_city_reads_the_training_slice_only(registry, nyc_taxi):
     flow = nyc_taxi.flow.sum(-1, keepdim=True)
     changed = flow.clone()
     changed[cut:] = torch.rand_like(changed[cut:])
-    first = model.prepare_city(flow[:cut], edge_index=nyc_taxi.edge_index)
-    again = model.prepare_city(changed[:cut], edge_index=nyc_taxi.edge_index)
+    first = model.prepare_city(_info(flow[:cut], nyc_taxi.edge_index))
+    again = model.prepare_city(_info(changed[:cut], nyc_taxi.edge_index))
     assert torch.equal(first["semantic_index"], again["semantic_index"])
     changed[:cut] = torch.rand_like(changed[:cut])  # the slice itself does matter
-    moved = model.prepare_city(changed[:cut])["semantic_index"]
+    moved = model.prepare_city(_info(changed[:cut]))["semantic_index"]
     assert not torch.equal(first["semantic_index"], moved)
 
 
 @pytest.mark.parametrize("steps", [0, 1])
 def test_prepare_city_zero_shot_falls_back_to_geography(registry, nyc_taxi, steps):
     model = registry.create("pdformer", in_channels=2)
-    ctx = model.prepare_city(nyc_taxi.flow[:steps], edge_index=nyc_taxi.edge_index)
+    ctx = model.prepare_city(_info(nyc_taxi.flow[:steps], nyc_taxi.edge_index))
     assert ctx == {}
     x, _ = nyc_taxi.batch(size=2)
     with torch.no_grad():
@@ -144,12 +150,12 @@ def test_prepare_city_zero_shot_falls_back_to_geography(registry, nyc_taxi, step
 def test_semantic_index_is_used_and_checked(registry, nyc_taxi):
     model = registry.create("pdformer", in_channels=2)
     x, _ = nyc_taxi.batch(size=2)
-    ctx = model.prepare_city(nyc_taxi.flow[:336])
+    ctx = model.prepare_city(_info(nyc_taxi.flow[:336]))
     with torch.no_grad():
         z = model.forward_features(x, edge_index=nyc_taxi.edge_index, **ctx)
         plain = model.forward_features(x, edge_index=nyc_taxi.edge_index)
     assert not torch.allclose(z, plain)
-    other = model.prepare_city(torch.rand(48, 100, 1))  # another city: n = 100
+    other = model.prepare_city(_info(torch.rand(48, 100, 1)))  # another city: n = 100
     with pytest.raises(ValueError, match="prepare_city"):
         model.forward_features(x, edge_index=nyc_taxi.edge_index, **other)
 

@@ -17,7 +17,14 @@ from _cli_helpers import run_cli
 
 import stbat_plugin
 from stbat_plugin.pipeline import api
-from stbat_plugin.pipeline.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from stbat_plugin.pipeline.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    checkpoint_config,
+    from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from stbat_plugin.pipeline.config import TransferConfig
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
@@ -190,3 +197,37 @@ def test_failing_save_through_the_cli_is_a_clear_error(tmp_path, monkeypatch):
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
+
+
+# --------------------------------------------------------------------------- settings
+def test_adapt_reads_the_checkpoint_once(ckpt, monkeypatch):
+    reads = []
+    load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f))
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    _adapt_cli(ckpt, 0)
+    assert reads == [ckpt]
+
+
+def test_checkpoint_settings_come_from_one_place(ckpt):
+    payload = load_checkpoint(ckpt)
+    # None: the checkpoint's own settings, all of them
+    assert checkpoint_config(ckpt, payload) == the_config()
+    # a mapping (the flags given to `stbat adapt`): model settings from the checkpoint,
+    # the given ones over the defaults for the rest
+    cfg = checkpoint_config(ckpt, payload, {"val_days": 7, "finetune_epochs": 2})
+    assert cfg.backbone_kwargs == SMALL_NET and cfg.model_signature() == the_config().model_signature()
+    assert (cfg.val_days, cfg.finetune_epochs, cfg.max_epochs) == (7, 2, TransferConfig().max_epochs)
+    with pytest.raises(CheckpointError, match=r"window.*\(24, 4\)"):
+        checkpoint_config(ckpt, payload, {"window": 4})
+    # a whole config: used as given, its model settings checked
+    with pytest.raises(CheckpointError, match="use --backbone graph_stnet"):
+        checkpoint_config(ckpt, payload, TransferConfig(backbone="stnet"))
+    whole = TransferConfig(backbone_kwargs=dict(SMALL_NET), lr=0.5)
+    assert checkpoint_config(ckpt, payload, whole) is whole
+    pre = from_checkpoint(ckpt, {"val_days": 7})
+    assert pre.path == ckpt and pre.method == "stbat" and pre.config.val_days == 7

@@ -325,6 +325,39 @@ def test_bad_backbone_kwargs_is_a_usage_error(tmp_path):
     _assert_clean_error(code, err, out, "--backbone-kwargs", "JSON")
 
 
+def test_unknown_backbone_keyword_is_a_usage_error_not_a_bug(tmp_path):
+    # the backbone's TypeError is turned into a ValueError where the keywords are used
+    out = tmp_path / "out"
+    code, _, err = run_cli(["transfer", "--data-dir", TINY, "--source", "nyc_bike",
+                            "--target", "melbourne_pedestrian", "--backbone-kwargs",
+                            '{"hiden": 4}', "--out", out, *SHORT_SOURCES, *TINY_RUN])
+    _assert_clean_error(code, err, out, "hiden", "--backbone-kwargs")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand type(s) for +: 'int' and 'str'"),
+                                 AttributeError("'NoneType' object has no attribute 'shape'"),
+                                 IndexError("list index out of range"),
+                                 RuntimeError("mat1 and mat2 shapes cannot be multiplied")])
+def test_a_bug_deep_in_a_run_exits_1_and_is_never_shown_as_a_user_error(bug, tmp_path,
+                                                                        monkeypatch):
+    from stbat_plugin.pipeline import api, cli
+
+    def fails(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(api, "transfer", fails)
+    assert cli.user_error_message(bug) is None
+    argv = ["transfer", "--data-dir", TINY, "--source", "nyc_bike", "--target",
+            "melbourne_pedestrian", "--out", tmp_path / "out", *TINY_RUN]
+    code, out, err = run_cli(argv)
+    assert code == 1 and out == ""
+    assert err.strip() == (f"stbat transfer: internal error: {type(bug).__name__}: {bug} "
+                           "(rerun with --debug for the traceback; please report it)")
+    code, _, err = run_cli(["--debug", *argv])
+    assert code == 1 and "Traceback (most recent call last)" in err and "fails" in err
+
+
 def test_out_that_is_a_file_fails_before_running(tmp_path, monkeypatch):
     from stbat_plugin.pipeline import api
 

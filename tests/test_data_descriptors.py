@@ -92,3 +92,80 @@ def test_auto_picks_poi_or_profile() -> None:
     assert region_descriptors([nyc, other], [72, 24])[1] == "temporal_profile"
     with pytest.raises(CityDataError, match="unknown descriptor kind"):
         region_descriptors([nyc], [72], kind="graph")
+
+
+# ------------------------------------------------------------------ the shared helpers
+def test_clock_matches_python_datetime() -> None:
+    import datetime as dt
+
+    from stbat_plugin.data.covariates import clock
+
+    stamps = np.datetime64("1969-12-29T22:15") + np.arange(0, 60 * 24 * 9, 97) * np.timedelta64(
+        1, "m")
+    minute, weekday = clock(stamps)
+    for s, m, d in zip(stamps.astype(object), minute, weekday, strict=True):
+        assert isinstance(s, dt.datetime)
+        assert m == s.hour * 60 + s.minute and d == s.weekday()
+
+
+@pytest.mark.parametrize("trailing", [(), (3,)])
+def test_masked_bin_means_match_a_loop(trailing: tuple[int, ...]) -> None:
+    from stbat_plugin.data.descriptors import masked_bin_means
+
+    rng = np.random.default_rng(4)
+    values = rng.uniform(0, 10, (40, 5) + trailing)
+    observed = rng.random((40, 5)) < 0.6
+    bins = rng.integers(0, 7, 40)
+    bins[bins == 6] = 5  # bin 6 stays empty
+    means, counts = masked_bin_means(values, observed, bins, 7)
+    assert means.shape == (7, 5) + trailing and counts.shape == (7, 5)
+    for k in range(7):
+        for n in range(5):
+            rows = [t for t in range(40) if bins[t] == k and observed[t, n]]
+            assert counts[k, n] == len(rows)
+            want = np.mean([values[t, n] for t in rows], axis=0) if rows else 0.0
+            np.testing.assert_allclose(means[k, n], want, rtol=1e-12)
+
+
+def test_masked_bin_means_refuses_mismatched_shapes_and_bins() -> None:
+    from stbat_plugin.data.descriptors import masked_bin_means
+
+    values, observed = np.ones((6, 2)), np.ones((6, 2), bool)
+    with pytest.raises(ValueError, match=r"Expected values \[T, N, \.\.\.\].*\(5,\)"):
+        masked_bin_means(values, observed, np.zeros(5, int), 3)
+    with pytest.raises(ValueError, match=r"Expected bins in \[0, 3\) \(got 0 \.\. 3\)"):
+        masked_bin_means(values, observed, np.array([0, 1, 2, 3, 0, 0]), 3)
+
+
+def test_descriptor_rows_are_the_wrappers_normalisation() -> None:
+    import torch
+
+    from stbat_plugin.riam import normalize_descriptors
+
+    city = load_city(TINY, "nyc_taxi")
+    assert city.poi is not None
+    want = normalize_descriptors(torch.as_tensor(city.poi, dtype=torch.float64)).float().numpy()
+    np.testing.assert_array_equal(poi_descriptors(city).values, want)
+    with pytest.raises(ValueError, match="non-negative"):
+        poi_descriptors(dataclasses.replace(city, poi=-city.poi))
+
+
+def test_mean_flow_matches_a_loop_and_is_nan_where_never_observed() -> None:
+    flow = np.random.default_rng(5).uniform(0, 9, (30, 4, 2)).astype(np.float32)
+    observed = np.random.default_rng(6).random((30, 4)) < 0.7
+    observed[:, 3] = False
+    city = city_from_arrays("m", city_arrays(num_steps=30, flow=flow, observed=observed))
+    got = city.mean_flow(slice(5, 25))
+    for n in range(3):
+        rows = [flow[t, n].astype(np.float64).sum() for t in range(5, 25) if observed[t, n]]
+        np.testing.assert_allclose(got[n], np.mean(rows), rtol=1e-12)
+    assert np.isnan(got[3]) and np.isnan(city.mean_flow()[3])
+
+
+def test_region_descriptors_names_what_it_returns() -> None:
+    nyc, mel = load_city(TINY, "nyc_bike"), load_city(TINY, "melbourne_pedestrian")
+    found = region_descriptors([nyc, mel], [72, 72], kind="temporal_profile")
+    assert found.kind == "temporal_profile"
+    assert [d.kind for d in found.descriptors] == ["temporal_profile"] * 2
+    descs, kind = found  # still unpacks as (descriptors, kind)
+    assert descs is found.descriptors and kind == found.kind

@@ -79,3 +79,42 @@ def test_shares_memory_and_validates() -> None:
         WindowDataset(flow, observed, region_mask, 0, 101)
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+@pytest.mark.parametrize("context", ["inside", "history"])
+@pytest.mark.parametrize(("start", "stop", "window", "lags"),
+                         [(0, 100, 6, (1,)), (30, 90, 4, (5, 12)), (40, 60, 3, (24,)),
+                          (10, 30, 6, (30,))])
+def test_lag_inputs_against_naive_loop(context: str, start: int, stop: int, window: int,
+                                       lags: tuple[int, ...]) -> None:
+    """Input step j of the lag-L channel of a window whose first target is T holds
+    flow[T - window + j + 1 - L]; every input (lags included) of an "inside" window lies in
+    [start, stop), of a "history" window at index >= 0."""
+    flow, observed, region_mask = _data()
+    ds = WindowDataset(flow, observed, region_mask, start, stop, window, 1, context, lags=lags)
+    low = start if context == "inside" else 0
+    expected = [t for t in range(start, stop)
+                if t - window >= low and t - window + 1 - max(lags) >= low]
+    assert [ds[i]["t_index"] for i in range(len(ds))] == expected
+    assert len(ds) == window_count(len(flow), start, stop, window, 1, context, lags)
+    for i, t in enumerate(expected):
+        got = ds[i]["lags"].numpy()
+        assert got.shape == (window, 5, 2, len(lags))
+        for j in range(window):
+            for k, lag in enumerate(lags):
+                for n in range(5):
+                    for c in range(2):
+                        assert got[j, n, c, k] == flow[t - window + j + 1 - lag, n, c]
+        np.testing.assert_array_equal(got[-1], np.stack([flow[t - lag] for lag in lags], -1))
+        np.testing.assert_array_equal(ds[i]["x"].numpy(), flow[t - window : t])
+
+
+def test_a_lag_needs_its_history_inside_a_training_slice() -> None:
+    flow, observed, region_mask = _data()
+    # 72 steps, window 6, lag 24: the first target needs 6 + 23 steps before it
+    assert window_count(100, 10, 82, 6, 1, "inside", (24,)) == 72 - 29
+    assert window_count(100, 10, 82, 6, 1, "inside", ()) == 66
+    assert window_count(100, 10, 40, 6, 1, "inside", (30,)) == 0
+    assert "lags" not in WindowDataset(flow, observed, region_mask, 0, 100)[0]
+    with pytest.raises(WindowError, match="lags must be whole numbers of steps >= 1"):
+        WindowDataset(flow, observed, region_mask, 0, 100, lags=(0,))

@@ -196,7 +196,7 @@ def _run_cli(argv: list[str], stop_after: int | None = None) -> dict:
 
     def state(*a, **k):
         s = real_state(*a, **k)
-        states.append({"model": s["model"], "loop": s["loop"]})
+        states.append({"model": {**s["model"], **_flat(s["imbalance"])}, "loop": s["loop"]})
         return s
 
     api.save_checkpoint, methods.training_state = save, state
@@ -363,8 +363,14 @@ def _twin(argv: list[str]) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
                 model.refresh_imbalance(name)
         model.eval()
         vals.append(validation_error(net, src.tasks, config.device))
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        states.append({k: v.detach().clone() for k, v in
+                       {**model.state_dict(), **_flat(model.imbalance_state())}.items()})
     return states, vals
+
+
+def _flat(imbalance: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The cities' RIAM state (not in ``state_dict``) under ``cities.CITY.NAME``, as the model's."""
+    return {f"cities.{city}.{k}": v for city, bufs in imbalance.items() for k, v in bufs.items()}
 
 
 def test_two_processes_match_data_parallelism_in_one_process(launch):

@@ -12,19 +12,20 @@ a finite positive number, a bad chunk, bad anchors, bad weights or a bad mask. E
   target in a valid entry, propagates, as documented, and a masked-out one changes nothing), or
 * be **refused** with ``ValueError`` or ``TypeError``, the documented error types.
 
-Any other exception fails the test. Cases are derandomized (the same ones every run).
-``python tests/test_functional_fuzz.py`` runs the same tests and prints how many cases each
-generated and how many were accepted and refused.
+Any other exception fails the test. Cases are derandomized (the same ones every run). Each
+case is counted by function and outcome (``tests/_fuzz_tally.py``): the counts are printed at
+the end of the pytest session, and ``python tests/test_functional_fuzz.py`` runs these tests
+alone and prints them.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from _fuzz_tally import lines, record, refused
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -33,7 +34,6 @@ from stbat_plugin import functional as SF
 
 MAX_EXAMPLES = 60
 FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None)
-OUTCOMES: Counter[tuple[str, str]] = Counter()
 
 FLOATS = st.sampled_from((torch.float16, torch.bfloat16, torch.float32, torch.float32, torch.float64,
                           torch.float64))
@@ -89,10 +89,10 @@ def _run(name: str, fn, inputs: list[torch.Tensor], *, finite: bool, nan_ok: boo
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
     try:
         out = fn(*leaves)
-    except (ValueError, TypeError):
-        OUTCOMES[(name, "refused")] += 1
+    except (ValueError, TypeError) as err:
+        record(f"functional.{name}", refused(err))
         return "refused"
-    OUTCOMES[(name, "accepted")] += 1
+    record(f"functional.{name}", "accepted")
     if nan_ok:
         return "accepted"
     outs = out if isinstance(out, tuple) else (out,)
@@ -290,13 +290,7 @@ def main() -> None:
     for test in tests:
         test()
     print(f"max_examples = {MAX_EXAMPLES} per test, {len(tests)} tests, derandomized")
-    print(f"{'function':<30} {'cases':>6} {'accepted':>9} {'refused':>8}")
-    for name in sorted({name for name, _ in OUTCOMES}):
-        acc, ref = OUTCOMES[(name, "accepted")], OUTCOMES[(name, "refused")]
-        print(f"{name:<30} {acc + ref:>6} {acc:>9} {ref:>8}")
-    acc = sum(v for (_, kind), v in OUTCOMES.items() if kind == "accepted")
-    ref = sum(v for (_, kind), v in OUTCOMES.items() if kind == "refused")
-    print(f"{'total':<30} {acc + ref:>6} {acc:>9} {ref:>8}")
+    print("\n".join(lines()))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from _cli_helpers import run_cli
@@ -11,7 +9,7 @@ from test_pipeline_protocol import TINY, tiny_config
 
 from stbat_plugin.pipeline import api, method_registry
 from stbat_plugin.pipeline.cli import build_parser
-from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.config import TransferConfig, setting_fields
 from stbat_plugin.pipeline.method_registry import METHODS, Method, get_method, register_method
 from stbat_plugin.pipeline.results import results_table
 
@@ -91,7 +89,7 @@ def _flags(parser, command: str) -> set[str]:
 @pytest.mark.parametrize("command", ["transfer", "pretrain", "adapt"])
 def test_every_setting_has_a_flag_with_help(command):
     flags = _flags(build_parser(), command)
-    for f in dataclasses.fields(TransferConfig):
+    for f in setting_fields():  # the TransferConfig fields and those of TransferConfig.stbat
         flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
         assert flag in flags, f"no flag for {f.name}"
         assert f.metadata["help"]
@@ -106,7 +104,7 @@ def test_flags_map_onto_the_config_and_unset_flags_keep_the_defaults():
          "--backbone-kwargs", '{"hidden": 8}'])
     cfg = _config(args)
     assert cfg.lr == 0.01 and cfg.finetune_lr == TransferConfig().finetune_lr  # --lr is --lr only
-    assert not cfg.use_simdcl and cfg.normalize == "revin" and cfg.time_features
+    assert not cfg.stbat.use_simdcl and cfg.normalize == "revin" and cfg.time_features
     assert cfg.backbone_kwargs == {"hidden": 8}
     default = _config(build_parser().parse_args(
         ["transfer", "--data-dir", "d", "--source", "a", "--target", "b", "--out", "o"]))

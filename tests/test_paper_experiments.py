@@ -215,6 +215,23 @@ def test_spec_text_round_trips_through_the_harness(tmp_path):
     (tmp_path / "spec.toml").write_text(text)
     spec = load_spec(tmp_path / "spec.toml")
     config = spec.config(spec.tasks[0], spec.variants()[0])
-    assert config.beta == 1e-3 and config.tau == 10.0 and config.use_poi is False
+    assert config.stbat.beta == 1e-3 and config.stbat.tau == 10.0 and config.stbat.use_poi is False
     assert config.backbone_kwargs == {"channels": 8, "a.b c": 'x"y'} and config.source_span is None
     assert spec.seeds == [0, 1] and spec.tasks[0].train_days == (3, 0)
+
+
+def test_default_data_dir_is_the_bundled_data_folder():
+    # the pipeline moved one folder down (stbat_plugin/pipeline): the default must still be
+    # the checkout's data/, not the stbat_plugin.data package
+    root = Path(__file__).resolve().parents[1]
+    assert paper.default_data_dir() == root / "data"
+    assert (paper.default_data_dir() / "nyc_taxi.npz").is_file()
+
+
+def test_stat_names_mean_std_and_count():
+    stat = paper._stat([1.0, 2.0, 4.0])
+    assert (stat.mean, stat.n) == (pytest.approx(7 / 3), 3)
+    assert stat.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert paper._stat([5.0]) == (5.0, 0.0, 1)
+    empty = paper._stat([])
+    assert empty.n == 0 and math.isnan(empty.mean)

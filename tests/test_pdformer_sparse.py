@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import stbat_backbones.pdformer as pd
 from stbat_backbones._common import graph_cache
+from stbat_plugin.backbone import CityFacts
 from stbat_plugin.data import grid_graph
 from stbat_plugin.testing import ring_graph
 
@@ -117,7 +118,9 @@ def test_sparse_pdformer_matches_the_dense_one(nyc_taxi, semantic):
     dense, sparse = _pair(nyc_taxi)
     x, _ = nyc_taxi.batch(size=3)
     x = x.double()
-    ctx = dense.prepare_city(nyc_taxi.flow[:24 * 7].double()) if semantic else {}
+    flow = nyc_taxi.flow[:24 * 7].double()
+    ctx = dense.prepare_city(CityFacts(num_regions=nyc_taxi.n, steps_per_day=24,
+                                      train_flow=flow)) if semantic else {}
     out_d = dense(x, edge_index=nyc_taxi.edge_index, **ctx)
     out_s = sparse(x, edge_index=nyc_taxi.edge_index, **ctx)
     assert torch.allclose(out_s, out_d, atol=1e-12)
@@ -146,7 +149,8 @@ def test_runs_at_5000_regions_without_n_by_n_tensors():
     model = pd.PDFormer(num_layers=1, d_model=16, temporal_heads=1, geo_heads=2, sem_heads=1,
                         feature_dim=8)
     x = torch.rand(1, 3, h * w, 1)
-    ctx = model.prepare_city(torch.rand(30, h * w, 1))
+    ctx = model.prepare_city(CityFacts(num_regions=h * w, steps_per_day=24,
+                                      train_flow=torch.rand(30, h * w, 1)))
     z = model.forward_features(x, edge_index=ei, **ctx)
     z.sum().backward()
     assert z.shape == (1, h * w, 8) and torch.isfinite(z).all()

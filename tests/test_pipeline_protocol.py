@@ -98,9 +98,8 @@ def test_zero_shot_has_no_training_slice_and_scaler_fit_on_val():
     assert len(task.dataset("train")) == 0  # no window can be cut from an empty slice
     val = task.split.val
     flow = city.flow[val][city.observed[val]]  # observed cells of the validation days
-    state = task.scaler.state_dict()
-    np.testing.assert_allclose(state["offset"], [flow.min()], rtol=1e-6)
-    np.testing.assert_allclose(state["scale"], [flow.max() - flow.min()], rtol=1e-6)
+    np.testing.assert_allclose(task.scaler.offset, [flow.min()], rtol=1e-6)
+    np.testing.assert_allclose(task.scaler.scale, [flow.max() - flow.min()], rtol=1e-6)
     assert task.region_mask.all()  # nothing to judge regions by without training flow
 
 
@@ -172,6 +171,11 @@ def test_a_method_that_needs_training_days_is_refused_in_a_zero_shot_only_run():
 
 
 # --------------------------------------------------------------------------- scalers
+def _fit(scaler) -> tuple[list[float], list[float]]:
+    """What a scaler's fit learned: the per-channel offset and scale."""
+    return scaler.offset.tolist(), scaler.scale.tolist()
+
+
 def _edit_flow(sl: slice, value: float = 9999.0):
     def edit(arrays):
         arrays["flow"][sl] = value
@@ -188,10 +192,10 @@ def test_target_scaler_sees_only_the_training_days(tmp_path):
     inside = copy_city(tmp_path / "inside", "nyc_taxi", _edit_flow(slice(tr.start + 5, tr.start + 6)))
     for path in (before, after):
         task = target_task(load_city(path.parent, "nyc_taxi"), 3, cfg)
-        assert task.scaler.state_dict() == base.scaler.state_dict()
+        assert _fit(task.scaler) == _fit(base.scaler)
         np.testing.assert_array_equal(task.region_mask, base.region_mask)
     changed = target_task(load_city(inside.parent, "nyc_taxi"), 3, cfg)
-    assert changed.scaler.state_dict() != base.scaler.state_dict()  # control
+    assert _fit(changed.scaler) != _fit(base.scaler)  # control
 
 
 def test_zero_shot_scaler_sees_only_the_validation_days(tmp_path):
@@ -201,7 +205,7 @@ def test_zero_shot_scaler_sees_only_the_validation_days(tmp_path):
     for label, sl in (("before", slice(0, val.start)), ("test", slice(val.stop, None))):
         path = copy_city(tmp_path / label, "melbourne_pedestrian", _edit_flow(sl))
         task = target_task(load_city(path.parent, "melbourne_pedestrian"), 0, cfg)
-        assert task.scaler.state_dict() == base.scaler.state_dict(), label
+        assert _fit(task.scaler) == _fit(base.scaler), label
 
 
 def test_source_split_is_two_to_one_and_its_scaler_sees_only_training(tmp_path):
@@ -217,11 +221,11 @@ def test_source_split_is_two_to_one_and_its_scaler_sees_only_training(tmp_path):
 
     path = copy_city(tmp_path / "val", "nyc_bike", _edit_flow(slice(448, None)))
     changed_val = source_task(load_city(path.parent, "nyc_bike"), cfg)
-    assert changed_val.scaler.state_dict() == task.scaler.state_dict()
+    assert _fit(changed_val.scaler) == _fit(task.scaler)
     np.testing.assert_array_equal(changed_val.region_mask, task.region_mask)
     path = copy_city(tmp_path / "train", "nyc_bike", _edit_flow(slice(447, 448)))
     changed_train = source_task(load_city(path.parent, "nyc_bike"), cfg)
-    assert changed_train.scaler.state_dict() != task.scaler.state_dict()  # control
+    assert _fit(changed_train.scaler) != _fit(task.scaler)  # control
 
 
 # --------------------------------------------------------------------------- descriptors
@@ -319,3 +323,20 @@ def test_too_few_training_steps_for_one_window_is_an_error():
     city = load_city(TINY, "melbourne_pedestrian")
     with pytest.raises(ValueError, match="--train-days"):
         target_task(city, 1, tiny_config(window=24))
+
+
+def test_target_days_count_the_steps_of_the_city_interval():
+    # 30-minute data: a day is 48 steps (steps_per_day of the city's interval, one function)
+    from _data_synth import city_arrays, hourly_stamps
+
+    from stbat_plugin.data import city_from_arrays
+
+    T = 48 * 12
+    coords = np.array([[40.70, -74.00], [40.71, -74.01], [40.72, -74.00]])
+    city = city_from_arrays("half_hourly", city_arrays(
+        num_steps=T, num_regions=3, num_channels=1, timestamps=hourly_stamps(T, minutes=30),
+        coords=coords))
+    task = target_task(city, 2, tiny_config(window=6))
+    split = task.split
+    assert split.test == slice(T - 4 * 48, T) and split.val == slice(T - 7 * 48, T - 4 * 48)
+    assert split.train == slice(T - 9 * 48, T - 7 * 48)

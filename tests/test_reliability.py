@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from _cli_helpers import run_cli
 
 from stbat_plugin.pipeline import api, cli
@@ -183,6 +186,7 @@ def test_leakage_runs_when_explicitly_allowed(tmp_path, caplog):
                             "--methods", "persistence", "--train-days", "3", "--seeds", "1",
                             "--allow-leakage", "--out", out])
     assert code == 0, err
+    assert "also a source over overlapping time (--allow-leakage)" in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -236,6 +240,11 @@ def test_internal_error_exits_1_without_traceback_unless_debug(monkeypatch, caps
     (KeyError("Unknown city 'x'"), ["Unknown city 'x'"]),
     (MemoryError(), ["out of memory", "--batch-size"]),
     (EOFError("Ran out of input"), ["damaged"]),
+    (torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2 GiB"),
+     ["out of memory", "--batch-size"]),
+    (zipfile.BadZipFile("File is not a zip file"), ["damaged", "not a zip file"]),
+    (pickle.UnpicklingError("invalid load key, 'x'."), ["damaged", "invalid load key"]),
+    (FloatingPointError("city 'x': prediction loss became [nan]"), ["prediction loss", "nan"]),
 ])
 def test_known_errors_are_one_line_user_errors(monkeypatch, capsys, exc, words):
     def raise_it(*a, **k):

@@ -115,12 +115,41 @@ def test_kill_9_during_pretraining_then_resume(tmp_path, reference):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert torch.load(path, weights_only=True)["complete"] is False
+    _assert_holds_what_resume_needs(torch.load(path, weights_only=True))
     code, _, err = run_cli(["pretrain", *ARGS, "--save", path, "--resume"])
     assert code == 0, err
     a, b = _weights(reference), _weights(path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def _assert_holds_what_resume_needs(payload: dict) -> None:
+    """An incomplete checkpoint: epoch, library version, the best network, and the run's
+    state: model, optimisers, RIAM state of every city, every random generator."""
+    from stbat_plugin import __version__
+
+    assert payload["complete"] is False and payload["epoch"] >= 1
+    assert payload["library_version"] == __version__
+    state = payload["resume"]
+    assert {"loop", "model", "imbalance", "optimizers", "rng", "best_net"} <= state.keys()
+    assert state["loop"]["epoch"] == payload["epoch"]
+    assert {"torch", "loader", "round_robin", "numpy"} <= state["rng"].keys()
+    assert len(state["optimizers"]) >= 1 and all(o["state"] for o in state["optimizers"])
+    assert state["imbalance"] and set(state["imbalance"]) <= {"nyc_bike", "nyc_taxi"}
+    for bufs in state["imbalance"].values():
+        assert bufs and all(bool(torch.isfinite(v).all()) for v in bufs.values())
+
+
+def test_resume_refuses_a_checkpoint_of_another_library_version(reference, tmp_path):
+    path = tmp_path / "m.ckpt"
+    payload = torch.load(reference, weights_only=True)
+    payload["complete"], payload["resume"] = False, {"loop": {}}
+    payload["library_version"] = "0.0.1"
+    torch.save(payload, path)
+    before = path.read_bytes()
+    code, _, err = run_cli(["pretrain", *ARGS, "--save", path, "--resume"])
+    assert code == 2 and "library version: was 0.0.1" in err and "--overwrite" in err, err
+    assert path.read_bytes() == before
 
 
 def test_resume_of_a_complete_checkpoint_trains_nothing(reference, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from stbat_plugin.data.city import (
     span_of,
 )
 from stbat_plugin.data.descriptors import (
+    DescriptorSet,
     RegionDescriptors,
     poi_descriptors,
     region_descriptors,
@@ -25,12 +26,12 @@ from stbat_plugin.data.descriptors import (
 )
 from stbat_plugin.data.graph import GraphContext, build_graph, grid_graph
 from stbat_plugin.data.scalers import (
+    Log1pScaler,
     MinMaxScaler,
     Scaler,
     ScalerError,
     StandardScaler,
     make_scaler,
-    scaler_from_state_dict,
 )
 from stbat_plugin.data.splits import (
     Split,
@@ -47,7 +48,9 @@ __all__ = [
     "CityDataError",
     "CityInfo",
     "CityNotFoundError",
+    "DescriptorSet",
     "GraphContext",
+    "Log1pScaler",
     "MinMaxScaler",
     "RegionDescriptors",
     "Scaler",
@@ -68,7 +71,6 @@ __all__ = [
     "span_of",
     "poi_descriptors",
     "region_descriptors",
-    "scaler_from_state_dict",
     "source_split",
     "steps_per_day",
     "target_split",

@@ -84,6 +84,17 @@ class City:
         """First and last timestamp as ISO ``YYYY-MM-DDTHH:MM`` strings."""
         return str(self.timestamps[0]), str(self.timestamps[-1])
 
+    def mean_flow(self, steps: slice = slice(None)) -> np.ndarray:
+        """Mean observed flow per step of each region over ``steps``, channels summed.
+
+        Shapes:
+            returns [N] float64, NaN for a region with no observed step in ``steps``.
+        """
+        observed = self.observed[steps]
+        total = np.where(observed, self.flow[steps].sum(-1, dtype=np.float64), 0.0).sum(0)
+        count = observed.sum(0)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
     def restrict(self, start: str | None = None, end: str | None = None) -> City:
         """Keep the steps whose timestamp lies in ``[start, end]``.
 
@@ -298,10 +309,12 @@ class CityInfo:
 def list_cities(data_dir: str | Path) -> list[CityInfo]:
     """Load and summarise every ``*.npz`` city in ``data_dir`` (sorted by name).
 
-    Raises the loading error of the first invalid file (nothing is skipped silently).
+    Raises the loading error of the first invalid file (nothing is skipped silently: a
+    directory or a broken link named ``*.npz`` is refused by name too).
     """
+    available_cities(data_dir)  # refuses a missing folder
     infos = []
-    for name in available_cities(data_dir):
+    for name in sorted(p.stem for p in Path(data_dir).glob("*.npz")):
         city = load_city(data_dir, name)
         with np.load(city.path, allow_pickle=False) as npz:
             keys = tuple(npz.files)

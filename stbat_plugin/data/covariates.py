@@ -1,13 +1,26 @@
-"""Calendar covariates from the local clock: time of day and day of week as sin/cos pairs."""
+"""The local clock of a city's timestamps: minute of day, day of week, and the calendar
+covariates (time of day and day of week as sin/cos pairs) built from them."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TIME_FEATURES", "time_features"]
+__all__ = ["MINUTES_PER_DAY", "clock", "time_features"]
 
-#: names of the columns :func:`time_features` returns, in order
-TIME_FEATURES = ("day_sin", "day_cos", "week_sin", "week_cos")
+MINUTES_PER_DAY = 24 * 60
+
+
+def clock(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minute of the day (0-1439) and day of the week (0 = Monday) of each timestamp.
+
+    Shapes:
+        timestamps: ``[T]`` datetime64 -> two ``[T]`` int64 arrays.
+    """
+    stamps = np.asarray(timestamps).astype("datetime64[m]")
+    days = stamps.astype("datetime64[D]")
+    minute = (stamps - days).astype(np.int64)
+    weekday = (days.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday
+    return minute, weekday
 
 
 def time_features(timestamps: np.ndarray) -> np.ndarray:
@@ -20,11 +33,8 @@ def time_features(timestamps: np.ndarray) -> np.ndarray:
     Shapes:
         timestamps: ``[T]`` datetime64 -> ``[T, 4]`` float32.
     """
-    stamps = np.asarray(timestamps).astype("datetime64[m]")
-    minutes = (stamps - stamps.astype("datetime64[D]")).astype(np.int64)
-    # 1970-01-01 was a Thursday: shift so that Monday is day 0
-    weekday = (stamps.astype("datetime64[D]").astype(np.int64) + 3) % 7
-    day = 2 * np.pi * minutes / 1440.0
-    week = 2 * np.pi * (weekday * 1440 + minutes) / (7 * 1440.0)
+    minutes, weekday = clock(timestamps)
+    day = 2 * np.pi * minutes / MINUTES_PER_DAY
+    week = 2 * np.pi * (weekday * MINUTES_PER_DAY + minutes) / (7 * MINUTES_PER_DAY)
     return np.stack([np.sin(day), np.cos(day), np.sin(week), np.cos(week)], axis=-1).astype(
         np.float32)

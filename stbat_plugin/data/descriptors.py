@@ -1,4 +1,4 @@
-"""Region descriptors for STBaT's region-level invariance module (RIAM).
+"""Region descriptors for STBaT's Regional Imbalance Acquisition Module (RIAM, Sec. 4.1).
 
 The paper describes each region by its POI category distribution. Cities without POI use the
 documented fallback :func:`temporal_profile_descriptors`: the region's mean flow profile over
@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from stbat_plugin.data.city import City
+from stbat_plugin.data.covariates import clock
 from stbat_plugin.data.validation import CityDataError
+from stbat_plugin.riam import normalize_descriptors
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +40,24 @@ class RegionDescriptors:
     kind: str
     names: tuple[str, ...]
 
-    @property
-    def num_features(self) -> int:
-        return int(self.values.shape[1])
+
+class DescriptorSet(NamedTuple):
+    """What :func:`region_descriptors` returns: one descriptor set per city, and its kind."""
+
+    descriptors: list[RegionDescriptors]  # in the order of the cities given
+    kind: str  # "poi" or "temporal_profile", the same for every city
 
 
-def _normalise_rows(x: np.ndarray, what: str) -> np.ndarray:
-    """Divide each row by its sum; rows summing to 0 become uniform (logged).
+def _distributions(x: np.ndarray, what: str) -> np.ndarray:
+    """:func:`~stbat_plugin.riam.normalize_descriptors` in float64, logging all-zero rows.
 
     Shapes:
-        x: [N, K] -> [N, K] float64 rows summing to 1.
+        x: [N, K] non-negative -> [N, K] float64 rows summing to 1 (all-zero rows uniform).
     """
-    total = x.sum(axis=1, keepdims=True)
-    empty = total[:, 0] <= 0
-    if empty.any():
-        logger.info("%s: %d region(s) with an all-zero row get a uniform row",
-                    what, int(empty.sum()))
-    out = np.where(empty[:, None], 1.0 / x.shape[1], x / np.where(total > 0, total, 1.0))
-    return out.astype(np.float64)
+    empty = int((x.sum(axis=1) <= 0).sum())
+    if empty:
+        logger.info("%s: %d region(s) with an all-zero row get a uniform row", what, empty)
+    return normalize_descriptors(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
 
 
 def poi_descriptors(city: City) -> RegionDescriptors:
@@ -67,33 +71,35 @@ def poi_descriptors(city: City) -> RegionDescriptors:
             f"city {city.name!r} has no 'poi' array; use kind='temporal_profile' (or 'auto') "
             f"or add 'poi' (N, K) and 'poi_categories' (K,) to its file."
         )
-    values = _normalise_rows(city.poi.astype(np.float64), f"{city.name} POI")
+    values = _distributions(city.poi.astype(np.float64), f"{city.name} POI")
     return RegionDescriptors(values.astype(np.float32), "poi", city.poi_categories)
 
 
-def time_bins(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hour of day (0-23) and day of week (0 = Monday) of each timestamp.
+def masked_bin_means(values: np.ndarray, observed: np.ndarray, bins: np.ndarray,
+                     size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the observed values of every region per time bin, and the observation counts.
+
+    A bin is any label of the time steps (hour of day, day of week, a calendar slot); a bin
+    without an observed step has mean 0 and count 0.
 
     Shapes:
-        timestamps: [T] datetime64 -> two [T] int64 arrays.
+        values: ``[T, N, ...]``; observed: ``[T, N]`` bool; bins: ``[T]`` int in
+        ``[0, size)`` -> means ``[size, N, ...]`` float64, counts ``[size, N]`` float64.
     """
-    days = timestamps.astype("datetime64[D]")
-    hour = (timestamps.astype("datetime64[h]") - days).astype(np.int64)
-    dow = (days.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday
-    return hour, dow
-
-
-def _binned_mean(values: np.ndarray, counts: np.ndarray, bins: np.ndarray, k: int) -> np.ndarray:
-    """Mean over steps of ``values`` per bin (empty bins are 0).
-
-    Shapes:
-        values, counts: [T, N]; bins: [T] in [0, k) -> [N, k].
-    """
-    sums = np.zeros((k, values.shape[1]))
-    cnt = np.zeros((k, values.shape[1]))
-    np.add.at(sums, bins, values)
-    np.add.at(cnt, bins, counts)
-    return (sums / np.maximum(cnt, 1)).T
+    obs = np.asarray(observed, dtype=bool)
+    bins = np.asarray(bins)
+    if obs.shape != values.shape[:2] or bins.shape != values.shape[:1]:
+        raise ValueError(f"Expected values [T, N, ...], observed [T, N] and bins [T] (got "
+                         f"{values.shape}, {obs.shape} and {bins.shape}); pass the same steps")
+    if bins.size and (bins.min() < 0 or bins.max() >= size):
+        raise ValueError(f"Expected bins in [0, {size}) (got {bins.min()} .. {bins.max()}); "
+                         "raise size or relabel the bins")
+    trailing = (1,) * (values.ndim - 2)
+    sums = np.zeros((size,) + values.shape[1:])
+    counts = np.zeros((size, values.shape[1]))
+    np.add.at(sums, bins, np.where(obs.reshape(obs.shape + trailing), values, 0.0))
+    np.add.at(counts, bins, obs.astype(np.float64))
+    return sums / np.maximum(counts, 1).reshape(counts.shape + trailing), counts
 
 
 def temporal_profile_descriptors(
@@ -121,11 +127,11 @@ def temporal_profile_descriptors(
     if train_stop == train_start:
         logger.warning("%s: empty training window, temporal profiles are uniform", city.name)
     obs = city.observed[window]
-    total = np.where(obs, city.flow[window].sum(axis=2, dtype=np.float64), 0.0)
-    hour, dow = time_bins(city.timestamps[window])
+    total = city.flow[window].sum(axis=2, dtype=np.float64)
+    minute, dow = clock(city.timestamps[window])
     parts = [
-        _normalise_rows(_binned_mean(total, obs, hour, 24), f"{city.name} hour profile"),
-        _normalise_rows(_binned_mean(total, obs, dow, 7), f"{city.name} weekday profile"),
+        _distributions(masked_bin_means(total, obs, bins, k)[0].T, f"{city.name} {what} profile")
+        for bins, k, what in ((minute // 60, 24, "hour"), (dow, 7, "weekday"))
     ]
     values = np.concatenate(parts, axis=1) / 2.0
     return RegionDescriptors(values.astype(np.float32), "temporal_profile", PROFILE_NAMES)
@@ -140,7 +146,7 @@ def _profile(city: City, spec: int | slice) -> RegionDescriptors:
 
 def region_descriptors(
     cities: Sequence[City], train_stops: Sequence[int | slice], kind: str = "auto"
-) -> tuple[list[RegionDescriptors], str]:
+) -> DescriptorSet:
     """Descriptors of every city, all of one kind; returns them and the kind used.
 
     ``kind="auto"`` uses POI when every city has POI with the same categories, else temporal
@@ -156,8 +162,8 @@ def region_descriptors(
         kind = "poi" if _same_poi(cities) else "temporal_profile"
     if kind == "poi":
         _check_poi(cities)
-        return [poi_descriptors(c) for c in cities], kind
-    return [_profile(c, s) for c, s in zip(cities, train_stops, strict=True)], kind
+        return DescriptorSet([poi_descriptors(c) for c in cities], kind)
+    return DescriptorSet([_profile(c, s) for c, s in zip(cities, train_stops, strict=True)], kind)
 
 
 def _same_poi(cities: Sequence[City]) -> bool:

@@ -41,10 +41,6 @@ class GraphContext:
     num_nodes: int
     source: str
 
-    @property
-    def num_edges(self) -> int:
-        return int(self.edge_index.shape[1])
-
     def to(self, device: torch.device | str) -> GraphContext:
         """Copy of the graph with its tensors on ``device``."""
         weight = None if self.edge_weight is None else self.edge_weight.to(device)

@@ -5,6 +5,10 @@ cells of the data they are fitted on: min-max (``offset = min``, ``scale = max -
 the fit data to [0, 1] as in the paper) and z-score (``offset = mean``, ``scale = std``). A
 scale below ``EPSILON`` (a constant channel) is replaced by 1, so the channel is only shifted.
 They work on numpy arrays and torch tensors whose LAST axis is the channel axis.
+
+``log1p`` is the one scaler that is not affine: min-max of ``log(1 + x)`` (fitted on the log
+values of the fit data), inverted with ``expm1``. It needs flows ``>= 0`` and refuses others.
+Code that needs an affine scaler reads :attr:`Scaler.affine`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class Scaler:
     """Base class: per-channel affine scaling; subclasses define :meth:`_statistics`."""
 
     name = ""
+    #: ``transform`` is ``(x - offset) / scale`` (False: a non-linear map comes first)
+    affine = True
+    #: the scaler is only defined for values ``>= 0`` (and refuses others)
+    requires_nonnegative = False
 
     def __init__(self) -> None:
         self.offset: np.ndarray | None = None
@@ -85,25 +93,6 @@ class Scaler:
         offset, scale = self._params(x)
         return x * scale + offset
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: ``{"name", "offset": [...], "scale": [...]}``."""
-        if self.offset is None or self.scale is None:
-            raise ScalerError(f"{type(self).__name__} is not fitted: nothing to save.")
-        return {"name": self.name, "offset": [float(v) for v in self.offset],
-                "scale": [float(v) for v in self.scale]}
-
-    @classmethod
-    def from_state_dict(cls: type[ScalerT], state: dict[str, Any]) -> ScalerT:
-        """Rebuild a fitted scaler from :meth:`state_dict` output."""
-        if state.get("name") != cls.name or not {"offset", "scale"} <= set(state):
-            raise ScalerError(f"{cls.__name__}.from_state_dict expects a state with name="
-                              f"{cls.name!r}, offset and scale; got keys {sorted(state)} "
-                              f"name={state.get('name')!r}.")
-        scaler = cls()
-        scaler.offset = np.asarray(state["offset"], dtype=np.float64)
-        scaler.scale = np.asarray(state["scale"], dtype=np.float64)
-        return scaler
-
 
 class MinMaxScaler(Scaler):
     """Maps each channel's fit range ``[min, max]`` to ``[0, 1]``."""
@@ -124,16 +113,66 @@ class StandardScaler(Scaler):
         return cells.mean(axis=0), cells.std(axis=0)
 
 
-SCALERS: dict[str, type[Scaler]] = {"minmax": MinMaxScaler, "zscore": StandardScaler}
+class Log1pScaler(MinMaxScaler):
+    r"""Min-max of :math:`\log(1 + x)`: :math:`(\log(1 + x) - o) / s`, with :math:`o, s` the
+    minimum and range of the log values of the fit data; inverse :math:`e^{y s + o} - 1`.
+
+    Not affine (:attr:`affine` is False): an error that is symmetric in scaled units is
+    relative in original units. Flows must be ``>= 0``: a negative cell of the fit data
+    (observed cells only when a mask is given) or of the data to transform is refused with
+    the channel named.
+    """
+
+    name = "log1p"
+    affine = False
+    requires_nonnegative = True
+
+    def fit(self: ScalerT, flow: np.ndarray, mask: np.ndarray | None = None) -> ScalerT:
+        """Fit min-max statistics of ``log1p(flow)``. Shapes: flow [T, N, C]; mask [T, N]."""
+        flow = np.asarray(flow, dtype=np.float64)
+        if flow.ndim == 3 and (mask is None or np.shape(mask) == flow.shape[:2]):  # else: base error
+            _refuse_negative(flow if mask is None else flow[np.asarray(mask, dtype=bool)],
+                             "fit data")
+        return super().fit(np.log1p(np.maximum(flow, 0.0)), mask)
+
+    def transform(self, x: ArrayT) -> ArrayT:
+        """``(log1p(x) - offset) / scale``. Shapes: [..., C] -> [..., C]."""
+        self._params(x)  # fitted and channel count, before looking at the values
+        _refuse_negative(x, "data to transform")
+        return super().transform(_log1p(x))
+
+    def inverse_transform(self, x: ArrayT) -> ArrayT:
+        """``expm1(x * scale + offset)``, back to original units. Shapes: [..., C] -> [..., C]."""
+        return _expm1(super().inverse_transform(x))
+
+
+def _refuse_negative(x: np.ndarray | torch.Tensor, what: str) -> None:
+    """Raise :class:`ScalerError` naming the first channel of ``x [..., C]`` with a value < 0."""
+    below: Any = (x < 0).reshape(-1, x.shape[-1]).any(0)  # [C]
+    negative = [bool(v) for v in below]
+    if any(negative):
+        channel = negative.index(True)
+        raise ScalerError(f"scaler 'log1p' needs flows >= 0, but channel {channel} of the "
+                          f"{what} has negative values (min {float(x[..., channel].min()):g}); "
+                          "use --scaler minmax or zscore for data that can be negative.")
+
+
+def _log1p(x: ArrayT) -> ArrayT:
+    if isinstance(x, torch.Tensor):
+        return torch.log1p(x if x.is_floating_point() else x.float())
+    return np.log1p(x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32))
+
+
+def _expm1(x: ArrayT) -> ArrayT:
+    return torch.expm1(x) if isinstance(x, torch.Tensor) else np.expm1(x)
+
+
+SCALERS: dict[str, type[Scaler]] = {"minmax": MinMaxScaler, "zscore": StandardScaler,
+                                    "log1p": Log1pScaler}
 
 
 def make_scaler(name: str) -> Scaler:
-    """A new, unfitted scaler: ``"minmax"`` or ``"zscore"``."""
+    """A new, unfitted scaler: ``"minmax"``, ``"zscore"`` or ``"log1p"``."""
     if name not in SCALERS:
         raise ScalerError(f"unknown scaler {name!r}; choose one of {sorted(SCALERS)}.")
     return SCALERS[name]()
-
-
-def scaler_from_state_dict(state: dict[str, Any]) -> Scaler:
-    """Rebuild whichever scaler ``state["name"]`` names."""
-    return SCALERS[make_scaler(str(state.get("name"))).name].from_state_dict(state)

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from stbat_plugin.data.city import City
+from stbat_plugin.data.covariates import MINUTES_PER_DAY
 
 logger = logging.getLogger(__name__)
-
-MINUTES_PER_DAY = 24 * 60
 
 
 class SplitError(ValueError):
@@ -40,8 +39,8 @@ def steps_per_day(interval_minutes: int) -> int:
     """Number of steps per day for an interval that divides a day (24 for hourly data)."""
     if interval_minutes <= 0 or MINUTES_PER_DAY % interval_minutes:
         raise SplitError(
-            f"interval of {interval_minutes} min does not divide a day (1440 min); day-based "
-            f"splits need an interval such as 5, 15, 30 or 60 minutes."
+            f"interval of {interval_minutes} min does not divide a day ({MINUTES_PER_DAY} min); "
+            "day-based splits need an interval such as 5, 15, 30 or 60 minutes."
         )
     return MINUTES_PER_DAY // interval_minutes
 

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from stbat_plugin.data.covariates import MINUTES_PER_DAY
+
 REQUIRED_KEYS = ("flow", "timestamps")
-MINUTES_PER_DAY = 24 * 60
 FORMAT_HINT = (
     "a city file needs 'flow' float (T, N, C) raw counts and 'timestamps' str (T,) "
     "ISO 'YYYY-MM-DDTHH:MM' start times on a regular grid (see data/DATA.md)"

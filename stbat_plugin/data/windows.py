@@ -7,9 +7,17 @@ only that slice: 72 steps, window 6, horizon 1 -> 66 samples); with ``context="h
 inputs may come from before ``start`` (validation/test: every step of the range is a target
 once enough history exists). Samples are views into one shared tensor (nothing is copied at
 construction), so a dataset over a long series stays light.
+
+Seasonal lag inputs (``lags``, in steps): for a lag ``L`` the sample also holds
+``flow[t - window + 1 - L : t + 1 - L]``, so input step ``j`` of the lag channel holds the
+value ``L`` steps before input step ``j + 1`` and its last step the value ``L`` steps before
+the first target (the seasonal-naive forecast). A window then needs ``window + L - 1`` steps
+of history before ``t`` (inside the range with ``context="inside"``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,15 +30,27 @@ class WindowError(ValueError):
     """Bad window dataset arguments (shapes, ranges, window sizes)."""
 
 
-def _first_target(start: int, window: int, context: str) -> int:
+def history_steps(window: int, lags: Sequence[int] = ()) -> int:
+    """Steps of history a sample needs before its first target: ``window + max(lags) - 1``
+    (``window`` without lags)."""
+    return window + max(0, max(lags, default=1) - 1)
+
+
+def _first_target(start: int, history: int, context: str) -> int:
     if context not in CONTEXTS:
         raise WindowError(f"context must be one of {list(CONTEXTS)}, got {context!r}.")
-    return start + window if context == "inside" else max(start, window)
+    return start + history if context == "inside" else max(start, history)
+
+
+def _check_lags(lags: Sequence[int]) -> tuple[int, ...]:
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in lags):
+        raise WindowError(f"lags must be whole numbers of steps >= 1, got {list(lags)}.")
+    return tuple(int(v) for v in lags)
 
 
 def window_count(
     num_steps: int, start: int, stop: int, window: int = 6, horizon: int = 1,
-    context: str = "inside",
+    context: str = "inside", lags: Sequence[int] = (),
 ) -> int:
     """Number of samples of a :class:`WindowDataset` with these arguments (0 if none fit)."""
     if window < 1 or horizon < 1:
@@ -38,7 +58,7 @@ def window_count(
     if not 0 <= start <= stop <= num_steps:
         raise WindowError(f"need 0 <= start <= stop <= T = {num_steps}, got start={start}, "
                           f"stop={stop}.")
-    first = _first_target(start, window, context)
+    first = _first_target(start, history_steps(window, _check_lags(lags)), context)
     return max(0, stop - horizon + 1 - first)
 
 
@@ -54,18 +74,22 @@ class WindowDataset(Dataset):
         context: ``"inside"`` (inputs within the range) or ``"history"`` (inputs may precede).
         covariates: optional ``[T, k]`` per-step covariates (e.g. time of day), returned
             for the input steps as ``"cov"``.
+        lags: seasonal lags in steps (e.g. ``(24, 168)`` for one day and one week of hourly
+            data), returned as ``"lags"`` (see the module docstring; default: none).
 
     Shapes:
         x: [window, N, C] float32; y: [horizon, N, C] float32;
         mask: [horizon, N, C] bool = observed at the target & region_mask; t_index: int
-        (absolute index of the first target step); cov: [window, k] float32.
+        (absolute index of the first target step); cov: [window, k] float32;
+        lags: [window, N, C, len(lags)] float32, ``lags[j, ..., i] = flow[t - window + j + 1
+        - lags[i]]``.
     """
 
     def __init__(
         self, flow: np.ndarray | torch.Tensor, observed: np.ndarray | torch.Tensor,
         region_mask: np.ndarray | torch.Tensor, start: int, stop: int, window: int = 6,
         horizon: int = 1, context: str = "inside",
-        covariates: np.ndarray | torch.Tensor | None = None,
+        covariates: np.ndarray | torch.Tensor | None = None, lags: Sequence[int] = (),
     ) -> None:
         self.flow = torch.as_tensor(flow, dtype=torch.float32)
         self.observed = torch.as_tensor(observed, dtype=torch.bool)
@@ -77,10 +101,12 @@ class WindowDataset(Dataset):
                                             or self.covariates.shape[0] != self.flow.shape[0]):
             raise WindowError(f"covariates must be [T, k] with T = {self.flow.shape[0]}, got "
                               f"{tuple(self.covariates.shape)}.")
-        count = window_count(self.flow.shape[0], start, stop, window, horizon, context)
+        self.lags = _check_lags(lags)
+        count = window_count(self.flow.shape[0], start, stop, window, horizon, context, self.lags)
         self.window, self.horizon, self.context = window, horizon, context
         self.start, self.stop = start, stop
-        self.t_indices = _first_target(start, window, context) + torch.arange(count)
+        first = _first_target(start, history_steps(window, self.lags), context)
+        self.t_indices = first + torch.arange(count)
 
     def __len__(self) -> int:
         return int(self.t_indices.shape[0])
@@ -98,6 +124,9 @@ class WindowDataset(Dataset):
         }
         if self.covariates is not None:
             sample["cov"] = self.covariates[t - self.window : t]
+        if self.lags:
+            sample["lags"] = torch.stack(
+                [self.flow[t - self.window + 1 - lag : t + 1 - lag] for lag in self.lags], dim=-1)
         return sample
 
 

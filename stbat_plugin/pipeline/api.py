@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +20,39 @@ from torch import nn
 
 from stbat_plugin._registry import default_registry
 from stbat_plugin.data import City, load_city, parse_span, region_descriptors, span_of
+from stbat_plugin.network import PredictionNetwork
 from stbat_plugin.pipeline import distributed, metrics
-from stbat_plugin.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from stbat_plugin.pipeline.checkpoint import (
+    CheckpointError,
+    Pretrained,
+    check_same_pretraining,
+    from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from stbat_plugin.pipeline.config import TransferConfig
 from stbat_plugin.pipeline.method_registry import get_method, method_names
 from stbat_plugin.pipeline.methods import (
+    Adapted,
+    adapt_to_target,
     finetune,
-    predict,
 )
 from stbat_plugin.pipeline.methods import (
     pretrain as _pretrain,
 )
-from stbat_plugin.pipeline.preflight import preflight_methods
+from stbat_plugin.pipeline.preflight import preflight, preflight_methods
 from stbat_plugin.pipeline.runfolder import RunFolder, check_writable
 from stbat_plugin.pipeline.tasks import CityTask, source_task, target_task
 
 __all__ = ["Pretrained", "SourceData", "load", "prepare_sources", "pretrain", "adapt",
            "transfer", "run_method", "evaluate", "evaluate_forecast", "method_label",
-           "check_cities", "check_leakage", "check_device"]
+           "check_cities", "check_distinct", "check_seeds", "check_leakage",
+           "check_span_leakage", "check_device"]
 
 log = logging.getLogger(__name__)
 
 #: what ``transfer`` compares when no methods are given
 DEFAULT_METHODS = ("stbat", "finetune", "target-only", "persistence", "ha")
-
-
-@dataclass
-class Pretrained:
-    """A pre-trained transferable network and where it came from."""
-
-    net: nn.Module  # the transferable network (backbone + predictor, or NLinear)
-    method: str
-    config: TransferConfig
-    data: dict[str, Any]
-    epochs: int = 0
-    seconds: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def load(data_dir: str | Path, name: str, span: str | None) -> City:
@@ -81,11 +78,12 @@ def prepare_sources(data_dir: str | Path, sources: list[str], config: TransferCo
     if not sources:
         raise ValueError("Give at least one source city (--source a,b)")
     tasks = [source_task(load(data_dir, s, config.source_span), config) for s in sources]
-    descs, kind = region_descriptors([t.city for t in tasks], [t.split.train for t in tasks],
-                                     kind=config.descriptors)
-    if kind != "poi":
-        log.warning("Region descriptors: %s fallback (not every source city has POI)", kind)
-    return SourceData(tasks, {t.name: d.values for t, d in zip(tasks, descs, strict=True)}, kind)
+    found = region_descriptors([t.city for t in tasks], [t.split.train for t in tasks],
+                               kind=config.descriptors)
+    if found.kind != "poi":
+        log.warning("Region descriptors: %s fallback (not every source city has POI)", found.kind)
+    return SourceData(tasks, {t.name: d.values
+                              for t, d in zip(tasks, found.descriptors, strict=True)}, found.kind)
 
 
 def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
@@ -108,6 +106,7 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
         pre = [m for m in method_names() if get_method(m).pretrains]
         raise ValueError(f"Method {method!r} is not pre-trained; choose from {pre}")
     check_cities(sources, None)
+    check_seeds([seed])
     check_device(config.device)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: --resume continues "
@@ -135,7 +134,7 @@ def pretrain(data_dir: str | Path, sources: list[str], *, method: str = "stbat",
                                   f"{previous['data'].get('processes', 1)} process(es), this run "
                                   f"has {data.get('processes', 1)}; resume with as many (torchrun "
                                   "--nproc-per-node)")
-        _check_same_pretraining(Path(save), previous, method, config, data)
+        check_same_pretraining(Path(save), previous, method, config, data)
         state = previous["resume"]
     best: dict[str, Any] = {"state": None}
 
@@ -179,50 +178,11 @@ def _previous_run(save: Path, resume: bool, overwrite: bool) -> dict[str, Any] |
     return load_checkpoint(save, allow_incomplete=True)
 
 
-def _check_same_pretraining(save: Path, payload: dict[str, Any], method: str,
-                            config: TransferConfig, data: dict[str, Any]) -> None:
-    from stbat_plugin import __version__
-
-    if "resume" not in payload:
-        raise CheckpointError(f"{save} holds no resume state; use --overwrite to start again")
-    diffs = []
-    if payload["method"] != method:
-        diffs.append(f"method: was {payload['method']!r}, now {method!r}")
-    saved = payload["config"]
-    diffs += [f"{k}: was {saved.get(k)!r}, now {v!r}" for k, v in config.to_dict().items()
-              if saved.get(k) != v]
-    diffs += [f"{k}: was {payload['data'].get(k)!r}, now {v!r}" for k, v in data.items()
-              if payload["data"].get(k) != v]
-    if payload.get("library_version") != __version__:
-        diffs.append(f"library version: was {payload.get('library_version')}, now {__version__}")
-    if diffs:
-        raise CheckpointError(f"--resume: {save} is another pre-training ({'; '.join(diffs[:6])});"
-                              " give the same command, or --overwrite to start again")
-
-
-def from_checkpoint(path: str | Path, config: TransferConfig | None = None,
-                    registry: Any = None) -> Pretrained:
-    """Rebuild the pre-trained network of a checkpoint (checked against ``config``), with the
-    backbones of ``registry`` (default: the installed plugins)."""
-    payload = load_checkpoint(path, expect_backbone=config.backbone if config else None,
-                              expect_config=config)
-    saved = TransferConfig.from_dict(payload["config"])
-    net = get_method(payload["method"]).network(saved, registry)
-    try:
-        net.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{path}: its weights do not fit the network of its own settings "
-                              f"(method {payload['method']!r}, backbone {saved.backbone!r}, "
-                              f"{saved.backbone_kwargs}): {first}; the file was edited or comes "
-                              "from another library version: pre-train again") from exc
-    run_config = replace(config, **saved.model_signature()) if config else saved
-    return Pretrained(net, payload["method"], run_config, payload["data"])
-
-
-def evaluate(net: nn.Module, task: CityTask, device: str = "cpu") -> dict[str, dict]:
-    """Per-channel and mean RMSE / MAE on the target's test windows, in original units."""
-    pred, y, mask = predict(net, task, "test", device)
+def evaluate(net: nn.Module | Adapted, task: CityTask, device: str = "cpu") -> dict[str, dict]:
+    """Per-channel and mean RMSE / MAE on the target's test windows, in original units
+    (``net`` may be an :class:`Adapted` network: its calibration is applied)."""
+    adapted = net if isinstance(net, Adapted) else Adapted(net)
+    pred, y, mask = adapted.predict(task, "test", device)
     result = metrics.per_channel_metrics(task.to_original(pred), task.to_original(y), mask,
                                          list(task.city.channels))
     _check_finite_metrics(result, f"city {task.name!r}")
@@ -238,26 +198,45 @@ def _check_finite_metrics(result: dict[str, dict], where: str) -> None:
 
 def adapt(pretrained: Pretrained | str | Path, data_dir: str | Path, target: str,
           train_days: int, *, config: TransferConfig | None = None, seed: int = 0,
-          progress: bool = True, registry: Any = None) -> dict[str, dict]:
-    """Fine-tune on ``train_days`` of the target (0 = zero-shot: evaluate directly); test."""
+          progress: bool = True, registry: Any = None,
+          allow_leakage: bool = False) -> dict[str, dict]:
+    """Fine-tune on ``train_days`` of the target (0 = zero-shot: evaluate directly); test.
+
+    The adaptation is that of :func:`run_method` (:func:`adapt_to_target`): the learning
+    rate of ``config.finetune_lr_grid`` chosen on target validation, then ``config.calibrate``.
+    """
+    if isinstance(train_days, bool) or not isinstance(train_days, int) or train_days < 0:
+        raise ValueError(f"--train-days must be an integer >= 0 (got {train_days!r}): the "
+                         "target days to fine-tune on, 0 for zero-shot")
+    check_seeds([seed])
     if not isinstance(pretrained, Pretrained):
         pretrained = from_checkpoint(pretrained, config, registry)
     config = config or pretrained.config
     check_device(config.device)
-    task = target_task(load(data_dir, target, config.target_span), train_days, config)
+    city = load(data_dir, target, config.target_span)
+    spans = (pretrained.data or {}).get("spans", {})
+    if city.name in spans:  # pre-trained on the target city: over the same days?
+        check_span_leakage(city.name, tuple(spans[city.name]), city.span,
+                           allow_leakage=allow_leakage, fix="adapt to another city, give a "
+                           "disjoint --target-span, or pre-train without it")
+    task = target_task(city, train_days, config)
     net = pretrained.net.to(config.device)
-    if train_days > 0:
-        net, _ = finetune(net, task, config, seed, progress=progress)
-    return evaluate(net, task, config.device)
+    # the network runs on the target before any fine-tuning (a clear error, not a late one)
+    label = config.backbone if isinstance(net, PredictionNetwork) else type(net).__name__
+    preflight(net, [task], backbone=label, device=config.device)
+    adapted = adapt_to_target(task, config,
+                              lambda cfg: finetune(net, task, cfg, seed, progress=progress), net)
+    return evaluate(adapted, task, config.device)
 
 
 def method_label(method: str, config: TransferConfig) -> str:
     """``stbat`` with its ablations named as in the paper, e.g. ``stbat (w/o SimDCL)``."""
     if method != "stbat":
         return method
-    off = [name for flag, name in ((config.use_poi, "POI"), (config.use_fdp, "FDP"),
-                                    (config.use_simdcl, "SimDCL"), (config.use_weighted_loss,
-                                                                    "WLoss")) if not flag]
+    opts = config.stbat
+    off = [name for flag, name in ((opts.use_poi, "POI"), (opts.use_fdp, "FDP"),
+                                    (opts.use_simdcl, "SimDCL"), (opts.use_weighted_loss,
+                                                                  "WLoss")) if not flag]
     return f"stbat (w/o {', '.join(off)})" if off else "stbat"
 
 
@@ -296,6 +275,9 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
                          f"train_days={days!r}; give --seeds >= 1, methods and train days")
     _check_methods(methods, days, config)
     check_cities(sources, target)
+    check_distinct(methods, "methods", "--methods")
+    check_distinct(days, "train days", "--train-days")
+    check_seeds(seed_list, "--seeds")
     check_device(config.device)
     log_out = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
     target_city = load(data_dir, target, config.target_span)
@@ -303,8 +285,12 @@ def transfer(data_dir: str | Path, sources: list[str], target: str, *,
         check_leakage(load(data_dir, target, config.source_span), target_city,
                       allow_leakage=allow_leakage)
     targets = {d: target_task(target_city, d, config) for d in days}
-    src = prepare_sources(data_dir, sources, config) if any(
-        get_method(m).pretrains for m in methods) else SourceData([], {}, "none")
+    if any(get_method(m).pretrains for m in methods):
+        src = prepare_sources(data_dir, sources, config)
+    else:  # not trained on, but a city named on the command line is still checked
+        for name in sources:
+            load(data_dir, name, config.source_span)
+        src = SourceData([], {}, "none")
     preflight_methods(methods, [*src.tasks, *targets.values()], config, registry)
     identity = {"command": "transfer", "sources": list(sources), "target": target,
                 "config": config.to_dict()}
@@ -350,27 +336,51 @@ def _transfer_rows(methods: list[str], seed_list: list[int], src: SourceData,
 
 def check_cities(sources: list[str], target: str | None = None) -> None:
     """Refuse source cities given more than once."""
-    dupes = sorted({s for s in sources if sources.count(s) > 1})
+    check_distinct(sources, "source cities", "--source")
+
+
+def check_distinct(values: list[Any], what: str, flag: str) -> None:
+    """Refuse a list given with repeats (a repeated method or day would run twice and count
+    twice in every mean; a repeated city would weigh twice in pre-training)."""
+    dupes = sorted({str(v) for v in values if values.count(v) > 1})
     if dupes:
-        raise ValueError(f"source cities {dupes} are given more than once in --source "
-                         f"{','.join(sources)}; list each city once")
+        raise ValueError(f"{what} {dupes} are given more than once in {flag} "
+                         f"{','.join(map(str, values))}; list each once")
 
 
-def check_leakage(source: City, target: City, *, allow_leakage: bool = False) -> None:
+def check_seeds(seeds: list[int], flag: str = "--seed") -> None:
+    """Refuse seeds that numpy and torch cannot both take: integers 0 .. 2**32 - 1."""
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)
+           or not 0 <= s < 2**32]
+    if bad:
+        raise ValueError(f"{flag}: a seed must be an integer from 0 to {2**32 - 1} (got "
+                         f"{bad}); give e.g. {flag} 0")
+
+
+def check_leakage(source: City, target: City, *, allow_leakage: bool = False,
+                  fix: str = "remove it from --source, give disjoint --source-span / "
+                             "--target-span") -> None:
     """Refuse a target that is also a source over overlapping time (its validation and test
     days would be seen in pre-training), unless ``allow_leakage``. Two disjoint periods of one
     city (``--source-span`` / ``--target-span``) are a legitimate task."""
     if source.name == target.name:
-        (s0, s1), (t0, t1) = source.span, target.span
-        if max(s0, t0) <= min(s1, t1):
-            if not allow_leakage:
-                raise ValueError(
-                    f"the target {target.name!r} is also a source over overlapping time "
-                    f"(source {s0} .. {s1}, target {t0} .. {t1}): its validation and test days "
-                    "would be seen in pre-training (leakage); remove it from --source, give "
-                    "disjoint --source-span / --target-span, or pass --allow-leakage")
-            log.warning("target %r is also a source over overlapping time (--allow-leakage): "
-                        "do not report these numbers as transfer", target.name)
+        check_span_leakage(target.name, source.span, target.span, allow_leakage=allow_leakage,
+                           fix=fix)
+
+
+def check_span_leakage(name: str, source_span: tuple[str, str], target_span: tuple[str, str], *,
+                       allow_leakage: bool = False, fix: str) -> None:
+    """:func:`check_leakage` of city ``name``, pre-trained on ``source_span`` (first and last
+    time step, ISO strings) and tested on ``target_span``; ``fix`` says how to avoid it."""
+    (s0, s1), (t0, t1) = source_span, target_span
+    if max(s0, t0) <= min(s1, t1):
+        if not allow_leakage:
+            raise ValueError(
+                f"the target {name!r} is also a source over overlapping time (source {s0} .. "
+                f"{s1}, target {t0} .. {t1}): its validation and test days would be seen in "
+                f"pre-training (leakage); {fix}, or pass --allow-leakage")
+        log.warning("target %r is also a source over overlapping time (--allow-leakage): "
+                    "do not report these numbers as transfer", name)
 
 
 def check_device(device: str) -> None:
@@ -471,12 +481,7 @@ def run_method(method: str, seed: int, src: SourceData, targets: dict[int, CityT
 def region_volume(task: CityTask) -> list[float | None]:
     """Mean observed flow of each region (channels summed) over the target's scaler-fit slice
     (training days; validation days in zero-shot); ``None`` where nothing was observed."""
-    sl = task.fit_slice
-    flow = task.city.flow[sl].sum(-1, dtype=np.float64)
-    obs = task.city.observed[sl]
-    count = obs.sum(0)
-    mean = np.where(obs, flow, 0.0).sum(0) / np.maximum(count, 1)
-    return [float(m) if c else None for m, c in zip(mean, count, strict=True)]
+    return [None if np.isnan(m) else float(m) for m in task.city.mean_flow(task.fit_slice)]
 
 
 def evaluate_forecast(fc: Any, channels: list[str], where: str = "forecast"

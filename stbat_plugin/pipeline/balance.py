@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BinStats", "balance_bins", "balance_table", "plot_balance"]
+__all__ = ["BinStats", "balance_bins", "balance_table", "plot_balance", "quantile_bins"]
 
 KEYS = {"density": "region_log_density", "volume": "region_volume"}
 
@@ -75,11 +75,25 @@ def balance_bins(rows: list[dict[str, Any]], by: str = "density", bins: int = 4)
     return [s for key, parts in sorted(groups.items()) for s in _bin_group(key, parts, by, bins)]
 
 
+def quantile_bins(values: np.ndarray, bins: int = 4) -> np.ndarray:
+    """Quantile bin (0 = lowest) of each finite value; -1 where the value is not finite, and
+    everywhere when fewer than ``bins`` values are finite.
+
+    Shapes:
+        values: ``[n]`` -> ``[n]`` int.
+    """
+    out = np.full(values.shape, -1, dtype=int)
+    finite = np.isfinite(values)
+    if finite.sum() >= bins:
+        edges = np.quantile(values[finite], np.linspace(0, 1, bins + 1)[1:-1])
+        out[finite] = np.searchsorted(edges, values[finite], side="right")
+    return out
+
+
 def _bin_group(key: tuple, parts: list, by: str, bins: int) -> list[BinStats]:
     labels, stbat, fine = [], [], []
     for values, s, f in parts:  # quantiles per seed: each seed's regions split evenly
-        edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
-        labels.append(np.searchsorted(edges, values, side="right"))
+        labels.append(quantile_bins(values, bins))
         stbat.append(s)
         fine.append(f)
     lab, s_all, f_all = (np.concatenate(x) for x in (labels, stbat, fine))

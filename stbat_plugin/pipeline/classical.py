@@ -9,18 +9,16 @@ the deep models are scored on) from observations before that step only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import itertools
 import logging
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
 from stbat_plugin.data.city import City
-from stbat_plugin.data.descriptors import time_bins
+from stbat_plugin.data.covariates import MINUTES_PER_DAY, clock
+from stbat_plugin.data.descriptors import masked_bin_means
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +41,6 @@ def _check_slices(city: City, train: slice, eval_slice: slice, method: str) -> t
             f"at or after the end of training ({tr.stop}); scoring on training steps leaks."
         )
     return tr, ev
-
-
-def _masked_means(
-    values: np.ndarray, obs: np.ndarray, keys: np.ndarray, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-key mean of observed values and per-key observation counts.
-
-    Shapes:
-        values: [T, N, C]; obs: [T, N]; keys: [T] in [0, size) -> ([size, N, C], [size, N]).
-    """
-    sums = np.zeros((size,) + values.shape[1:])
-    counts = np.zeros((size, values.shape[1]))
-    np.add.at(sums, keys, np.where(obs[..., None], values, 0.0))
-    np.add.at(counts, keys, obs.astype(np.float64))
-    return sums / np.maximum(counts, 1)[..., None], counts
 
 
 def last_observed(city: City, stop: int) -> np.ndarray:
@@ -127,10 +110,8 @@ def historical_average(city: City, train: slice, eval_slice: slice) -> np.ndarra
         returns [len(eval_slice), N, C] float32, original units.
     """
     tr, ev = _check_slices(city, train, eval_slice, "historical average")
-    hour, dow = time_bins(city.timestamps)
-    minute = (city.timestamps - city.timestamps.astype("datetime64[h]")).astype(np.int64)
-    day_key = hour * 60 + minute
-    week_key = dow * 1440 + day_key
+    day_key, dow = clock(city.timestamps)
+    week_key = dow * MINUTES_PER_DAY + day_key
     idx_tr, idx_ev = np.asarray(tr), np.asarray(ev)
     values = city.flow[idx_tr].astype(np.float64)
     obs = city.observed[idx_tr]
@@ -138,7 +119,7 @@ def historical_average(city: City, train: slice, eval_slice: slice) -> np.ndarra
     filled = np.zeros((len(ev), city.num_regions), dtype=bool)
     for keys in (week_key, day_key, np.zeros_like(day_key)):
         uniq, inv = np.unique(keys[np.concatenate([idx_tr, idx_ev])], return_inverse=True)
-        means, counts = _masked_means(values, obs, inv[: len(tr)], uniq.size)
+        means, counts = masked_bin_means(values, obs, inv[: len(tr)], uniq.size)
         ev_inv = inv[len(tr):]
         use = (counts[ev_inv] > 0) & ~filled
         pred[use] = means[ev_inv][use]
@@ -197,47 +178,15 @@ def arima_forecast(
 
 @contextlib.contextmanager
 def _single_blas_thread() -> Iterator[None]:
-    """Limit OpenBLAS to one thread while fitting (tiny matrices: threads only add overhead).
+    """Limit BLAS to one thread while fitting (tiny matrices: threads only add overhead).
 
-    Multi-threaded OpenBLAS made each fit 5-50x slower on a busy 2-core machine. Uses
-    ``threadpoolctl`` when installed, else the ``*openblas_set_num_threads*`` entry points of
-    the OpenBLAS libraries loaded in this process (Linux, ``/proc/self/maps``); elsewhere the
-    fits run unchanged (``OPENBLAS_NUM_THREADS=1`` has the same effect).
+    Multi-threaded OpenBLAS made each fit 5-50x slower on a busy 2-core machine.
+    ``threadpoolctl`` is a dependency of the ``pipeline`` extra, like statsmodels.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        controls = _openblas_controls()
-        previous = [(setter, getter()) for getter, setter in controls]
-        try:
-            for setter, _ in previous:
-                setter(1)
-            yield
-        finally:
-            for setter, count in previous:
-                setter(count)
-        return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-def _openblas_controls() -> list[tuple[Any, Any]]:
-    """``(get_num_threads, set_num_threads)`` of every loaded OpenBLAS (may be empty)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
-    except OSError:
-        return []
-    controls = []
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_")):
-            getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if getter is not None and setter is not None:
-                controls.append((getter, setter))
-    logger.debug("OpenBLAS thread controls found: %d", len(controls))
-    return controls
 
 
 def _fit_one(

@@ -9,15 +9,17 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stbat_plugin._registry import registry_with_plugins
 from stbat_plugin.pipeline import api, distributed
-from stbat_plugin.pipeline.checkpoint import load_checkpoint
-from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.checkpoint import from_checkpoint
+from stbat_plugin.pipeline.config import STBAT_FIELDS, TransferConfig, setting_fields
 from stbat_plugin.pipeline.io import atomic_write_text
 from stbat_plugin.pipeline.method_registry import METHODS
+from stbat_plugin.pipeline.paper import given_options
 from stbat_plugin.pipeline.results import results_table
+from stbat_plugin.pipeline.runfolder import check_writable
 
 __all__ = ["main", "build_parser"]
 
@@ -60,11 +62,9 @@ def _json_object(text: str) -> dict:
     return value
 
 
-#: model settings a checkpoint fixes; ``stbat adapt`` takes them from the checkpoint
-_MODEL_OPTIONS = tuple(TransferConfig().model_signature())
-
-
 def _flag_type(f: dataclasses.Field) -> Any:
+    if f.metadata.get("parse") is not None:  # e.g. a comma-separated list
+        return f.metadata["parse"]
     kind = str(f.type)
     if kind.startswith("dict"):
         return _json_object
@@ -75,14 +75,18 @@ def _flag_type(f: dataclasses.Field) -> Any:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TransferConfig` field, with the field's help; unset flags keep
-    the dataclass default (``argparse.SUPPRESS``), so defaults live in one place only."""
-    g = p.add_argument_group("run settings (TransferConfig fields)")
-    for f in dataclasses.fields(TransferConfig):
-        meta = f.metadata
+    """One flag per setting (:func:`~stbat_plugin.pipeline.config.setting_fields`: the
+    :class:`TransferConfig` fields and the STBaT ones of ``TransferConfig.stbat``), with the
+    field's help; unset flags keep the dataclass default (``argparse.SUPPRESS``), so
+    defaults live in one place only."""
+    groups = {False: p.add_argument_group("run settings (TransferConfig fields)"),
+              True: p.add_argument_group("STBaT settings (TransferConfig.stbat, STBaTOptions "
+                                         "fields)")}
+    defaults = TransferConfig().to_dict()
+    for f in setting_fields():
+        meta, g = f.metadata, groups[f.name in STBAT_FIELDS]
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        help_text = f"{meta['help']} (default: {default!r})"
+        help_text = f"{meta['help']} (default: {defaults[f.name]!r})"
         if str(f.type) == "bool":
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)
@@ -99,15 +103,21 @@ def _add_plugin_option(p: argparse.ArgumentParser) -> None:
                         "the installed ones; repeatable")
 
 
-def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TransferConfig:
-    """The given flags over ``base`` (e.g. a checkpoint's settings) over the defaults."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferConfig)
-             if hasattr(args, f.name)}
-    return TransferConfig(**{**(base or {}), **given})
+def _config(args: argparse.Namespace) -> TransferConfig:
+    """The given flags over the defaults."""
+    return TransferConfig.from_dict(given_options(args))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse under the CLI's error contract: a usage error is one line on stderr, exit 2
+    (the usage itself is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stbat", description="STBaT cross-city transfer: pre-train on source cities, "
         "adapt to a target city, compare methods. Exit codes: 0 done, 2 a usage or input "
         "error (one line on stderr), 1 an internal error (the traceback with --debug).")
@@ -155,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--train-days", type=int, required=True, help="0 = zero-shot, 3 = few-shot")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default=None, help="optional folder for metrics.json")
+    a.add_argument("--allow-leakage", action="store_true",
+                   help="allow a target the checkpoint was pre-trained on over the same days "
+                        "(not a transfer result)")
     _add_run_options(a)  # model settings default to the checkpoint's (given ones are checked)
 
     d = sub.add_parser("datasets", help="list the cities of a data folder")
@@ -349,11 +362,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"pre-trained {pre.method} on {','.join(args.source)}{on} in {pre.epochs} "
                       f"epochs ({pre.seconds:.1f}s); saved {args.save}")
     elif args.command == "adapt":
-        saved = load_checkpoint(args.checkpoint)["config"]
-        base = {key: saved[key] for key in _MODEL_OPTIONS if key in saved}
-        result = api.adapt(args.checkpoint, args.data_dir, args.target, args.train_days,
-                           config=_config(args, base), seed=args.seed, progress=not args.quiet,
-                           registry=registry_with_plugins(args.plugin))
+        # read once: the checkpoint's model settings, the given flags over the defaults for
+        # the rest (a given model setting must agree with the checkpoint)
+        if args.out:  # checked before the fine-tuning, not after it
+            check_writable(args.out)
+        pre = from_checkpoint(args.checkpoint, given_options(args),
+                              registry_with_plugins(args.plugin))
+        result = api.adapt(pre, args.data_dir, args.target, args.train_days, seed=args.seed,
+                           progress=not args.quiet, allow_leakage=args.allow_leakage)
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:

@@ -36,6 +36,8 @@ import torch
 import stbat_plugin
 from stbat_plugin import functional as SF
 from stbat_plugin.data import City, region_descriptors, valid_region_mask
+from stbat_plugin.pipeline.balance import quantile_bins
+from stbat_plugin.pipeline.checkpoint import Pretrained, from_checkpoint
 from stbat_plugin.pipeline.config import TransferConfig
 from stbat_plugin.pipeline.io import atomic_write_text
 from stbat_plugin.riam import RIAM, normalize_descriptors
@@ -106,20 +108,12 @@ def riam_embedding(descriptors: np.ndarray, *, embed_dim: int = 32, steps: int =
         return riam(p)
 
 
-def _volume(city: City) -> np.ndarray:
-    """Mean observed flow per step of each region, channels summed (NaN: never observed)."""
-    flow = city.flow.sum(-1, dtype=np.float64)
-    count = city.observed.sum(0)
-    total = np.where(city.observed, flow, 0.0).sum(0)
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
 def diagnose_city(city: City, config: TransferConfig | None = None, *, seed: int = 0,
                   steps: int = 300) -> Diagnosis:
     """RIAM density, weights, similarity and flow volume of every region of ``city``.
 
     Uses ``config.descriptors`` (``auto``: POI when the city has it, else temporal profiles),
-    ``config.embed_dim`` (D) and ``config.bandwidth`` (h).
+    ``config.stbat.embed_dim`` (D) and ``config.stbat.bandwidth`` (h).
 
     Raises:
         ValueError: fewer than 2 regions with flow (no density can be estimated).
@@ -131,16 +125,17 @@ def diagnose_city(city: City, config: TransferConfig | None = None, *, seed: int
     if valid.sum() < 2:
         raise ValueError(f"city {city.name!r}: {int(valid.sum())} region(s) with flow; a density "
                          "needs at least 2 (check the file's flow, or the --target-span cut)")
-    phi = riam_embedding(desc.values[valid], embed_dim=config.embed_dim, seed=seed, steps=steps)
+    phi = riam_embedding(desc.values[valid], embed_dim=config.stbat.embed_dim, seed=seed,
+                         steps=steps)
     n = city.num_regions
     log_density, weights = np.full(n, np.nan), np.full(n, np.nan)
     with torch.no_grad():
-        ld = SF.kde_log_density(phi.double(), config.bandwidth)
+        ld = SF.kde_log_density(phi.double(), config.stbat.bandwidth)
         log_density[valid] = ld.numpy()
         weights[valid] = SF.density_weights(ld).numpy()
         similarity = np.full((n, n), np.nan)
         similarity[np.ix_(valid, valid)] = SF.pattern_similarity(phi.double()).numpy()
-    return Diagnosis(city, kind, _layout(city), valid, log_density, weights, _volume(city),
+    return Diagnosis(city, kind, _layout(city), valid, log_density, weights, city.mean_flow(),
                      similarity)
 
 
@@ -212,16 +207,18 @@ def region_errors_from_results(path: str | Path | Sequence[str | Path], city: Ci
                                                       -int(kv[0].rsplit(" ", 1)[1].split("-")[0]))))
 
 
-def checkpoint_region_errors(checkpoint: str | Path, data_dir: str | Path, city: str,
+def checkpoint_region_errors(checkpoint: str | Path | Pretrained, data_dir: str | Path, city: str,
                              config: TransferConfig | None, *, train_days: int = 0, seed: int = 0,
                              registry: Any = None, progress: bool = False
                              ) -> tuple[str, np.ndarray]:
-    """Adapt a checkpoint to ``city`` (``train_days`` 0: as it is) and score every region."""
+    """Adapt a checkpoint (a path, or one already read) to ``city`` (``train_days`` 0: as it
+    is) and score every region."""
     from stbat_plugin.pipeline import api
     from stbat_plugin.pipeline.method_registry import get_method
     from stbat_plugin.pipeline.tasks import target_task
 
-    pre = api.from_checkpoint(checkpoint, config, registry)
+    pre = (checkpoint if isinstance(checkpoint, Pretrained)
+           else from_checkpoint(checkpoint, config, registry))
     cfg = pre.config
     task = target_task(api.load(data_dir, city, cfg.target_span), train_days, cfg)
     forecast = get_method(pre.method).adapt(pre.net.to(cfg.device), task, cfg, seed, registry,
@@ -229,16 +226,6 @@ def checkpoint_region_errors(checkpoint: str | Path, data_dir: str | Path, city:
     regions = api.evaluate_forecast(forecast, list(task.city.channels))["mean"]["regions"]["rmse"]
     return (f"checkpoint ({pre.method}), {train_days}-day",
             np.array([np.nan if v is None else v for v in regions], float))
-
-
-def quantile_bins(values: np.ndarray, bins: int = BINS) -> np.ndarray:
-    """Quantile bin (0 = lowest) of each finite value; -1 where the value is not finite."""
-    out = np.full(values.shape, -1, dtype=int)
-    finite = np.isfinite(values)
-    if finite.sum() >= bins:
-        edges = np.quantile(values[finite], np.linspace(0, 1, bins + 1)[1:-1])
-        out[finite] = np.searchsorted(edges, values[finite], side="right")
-    return out
 
 
 def error_bins(diag: Diagnosis, bins: int = BINS) -> list[dict[str, Any]]:
@@ -262,6 +249,13 @@ def error_bins(diag: Diagnosis, bins: int = BINS) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the report
+def _where(checkpoint: str | Path | Pretrained | None) -> str:
+    """Where a checkpoint was read from, for the report."""
+    if isinstance(checkpoint, Pretrained):
+        return str(checkpoint.path or f"(in memory: {checkpoint.method})")
+    return str(checkpoint)
+
+
 def _region_name(city: City, i: int) -> str:
     rid = str(city.region_ids[i])
     return rid or str(i)
@@ -349,7 +343,8 @@ class DiagnoseResult:
 
 
 def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
-             config: TransferConfig | None = None, checkpoint: str | Path | None = None,
+             config: TransferConfig | None = None,
+             checkpoint: str | Path | Pretrained | None = None,
              results: str | Path | Sequence[str | Path] | None = None,
              methods: list[str] | None = None,
              train_days: int = 0, seed: int = 0, top_pairs: int = 10, registry: Any = None,
@@ -358,9 +353,10 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
     ``OUT/diagnose_regions.csv`` and, with ``checkpoint`` or ``results``,
     ``OUT/diagnose_errors.png`` (error by density and volume bin).
 
-    ``checkpoint`` is adapted to the city with ``train_days`` (0: scored as it is) under
-    ``config`` (its validation / test days); ``results`` is a results file or folder (or a
-    list of them), of which ``methods`` (default: all) are binned.
+    ``checkpoint`` (a path, or a checkpoint read with :func:`from_checkpoint`) is adapted to
+    the city with ``train_days`` (0: scored as it is) under ``config`` (its validation / test
+    days); ``results`` is a results file or folder (or a list of them), of which ``methods``
+    (default: all) are binned.
     """
     from stbat_plugin.pipeline import api
     from stbat_plugin.pipeline.experiment import git_commit
@@ -400,10 +396,10 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
               f"{c.num_regions} regions, {c.num_channels} channel(s) ({', '.join(c.channels)}), "
               f"{c.num_steps} steps, {c.span[0]} .. {c.span[1]}. Region descriptors: {desc}. "
               f"Map: {map_note}.",
-              f"RIAM (D = {config.embed_dim}) is trained on this city's descriptors alone with the "
+              f"RIAM (D = {config.stbat.embed_dim}) is trained on this city's descriptors alone with the "
               "reconstruction term of L_emb (Eq. 5); the feature-distribution predictor needs a "
               "backbone and is left out. Log-density: Gaussian KDE of the embeddings, bandwidth "
-              f"h = {config.bandwidth} (Eq. 6); weight: w_r = n softmax(-log rho)_r (Eq. 14, mean "
+              f"h = {config.stbat.bandwidth} (Eq. 6); weight: w_r = n softmax(-log rho)_r (Eq. 14, mean "
               "1; a rare pattern gets a large weight). Regions without flow in the series are left "
               "out. Volume: mean flow per step, channels summed.",
               "## Summary", _summary(diag),
@@ -413,7 +409,7 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
     if diag.errors:
         stats = error_bins(diag)
         sources = ", ".join(s for s in (", ".join(f"`{r}`" for r in results or ()),
-                                         f"checkpoint `{checkpoint}` ({train_days} training "
+                                         f"checkpoint `{_where(checkpoint)}` ({train_days} training "
                                          "day(s))" if checkpoint else "") if s)
         blocks += ["## Error by density and volume bin",
                    f"Mean region RMSE (channel mean; results averaged over seeds) from {sources}, "
@@ -433,23 +429,22 @@ def diagnose(data_dir: str | Path, city: str, out: str | Path, *,
 def run_command(args: Any) -> DiagnoseResult:
     """``stbat diagnose``: the parsed CLI arguments -> :func:`diagnose`."""
     from stbat_plugin._registry import registry_with_plugins
-    from stbat_plugin.pipeline.checkpoint import load_checkpoint
     from stbat_plugin.pipeline.paper import command_line, default_data_dir, given_options
 
     given = given_options(args)
-    base: dict[str, Any] = {}
-    if args.checkpoint is not None:  # model settings come from the checkpoint, as in `adapt`
-        saved = load_checkpoint(args.checkpoint)["config"]
-        base = {k: saved[k] for k in TransferConfig().model_signature() if k in saved}
+    registry = registry_with_plugins(args.plugin)
+    # read once; model settings come from the checkpoint, as in `adapt`
+    pre = None if args.checkpoint is None else from_checkpoint(args.checkpoint, given, registry)
     options = {"data_dir": args.data_dir, "city": args.city, "checkpoint": args.checkpoint,
                "results": args.results, "methods": args.methods,
                "train_days": args.train_days or None,
                "seed": args.seed or None, "top_pairs": None if args.top_pairs == 10 else args.top_pairs,
                "out": args.out}
     data_dir = args.data_dir if args.data_dir is not None else default_data_dir()
-    return diagnose(data_dir, args.city, args.out, config=TransferConfig(**{**base, **given}),
-                    checkpoint=args.checkpoint, results=args.results, methods=args.methods,
+    return diagnose(data_dir, args.city, args.out,
+                    config=pre.config if pre is not None else TransferConfig.from_dict(given),
+                    checkpoint=pre, results=args.results, methods=args.methods,
                     train_days=args.train_days,
                     seed=args.seed, top_pairs=args.top_pairs,
-                    registry=registry_with_plugins(args.plugin), progress=not args.quiet,
+                    registry=registry, progress=not args.quiet,
                     command=command_line("diagnose", options, given, repeat=("results",)))

@@ -4,7 +4,9 @@
 result rows to ``OUT/results.jsonl`` as soon as they exist (one ``write`` + ``fsync`` per
 batch), so a killed run loses at most the batch in progress; rerunning the same command
 skips what is done. Pre-trained networks are cached in ``OUT/cache/``, so a run killed
-during fine-tuning does not pre-train again.
+during fine-tuning does not pre-train again. Variants that differ only in settings of the
+adaptation to the target (``config.ADAPTATION_ONLY``: calibration, the fine-tuning learning
+rate(s) and epochs) share one cached pre-training per (task, method, seed).
 
 The spec::
 
@@ -28,7 +30,6 @@ The spec::
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import itertools
@@ -49,11 +50,13 @@ from torch import nn
 import stbat_plugin
 from stbat_plugin.data import span_of
 from stbat_plugin.pipeline import api
-from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.pipeline.config import ADAPTATION_ONLY, TransferConfig, setting_fields
 from stbat_plugin.pipeline.io import atomic_write, atomic_write_text, exclusive_folder
 from stbat_plugin.pipeline.method_registry import get_method
+from stbat_plugin.pipeline.preflight import preflight_methods
 from stbat_plugin.pipeline.results import append_rows as _append_rows
 from stbat_plugin.pipeline.results import read_results
+from stbat_plugin.pipeline.runfolder import check_writable
 from stbat_plugin.pipeline.tasks import CityTask, target_task
 
 if sys.version_info >= (3, 11):
@@ -72,7 +75,7 @@ _SECTIONS = ("experiment", "defaults", "grid", "task")
 _EXPERIMENT_KEYS = ("name", "data_dir", "methods", "train_days", "seeds")
 _TASK_KEYS = ("name", "sources", "target", "config", "methods", "train_days")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CONFIG_FIELDS = {f.name: str(f.type) for f in dataclasses.fields(TransferConfig)}
+_CONFIG_FIELDS = {f.name: str(f.type) for f in setting_fields()}
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -120,7 +123,7 @@ class ExperimentSpec:
 
     def config(self, task: TaskSpec, variant: Variant) -> TransferConfig:
         """The run settings of a task in a variant: defaults, then the task's, then the grid's."""
-        return TransferConfig(**{**self.defaults, **task.config, **variant.options})
+        return TransferConfig.from_dict({**self.defaults, **task.config, **variant.options})
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,15 @@ class Unit:
 
     @property
     def cache_name(self) -> str:
-        """File name of this unit's pre-trained network in ``OUT/cache``."""
-        variant = re.sub(r"[^A-Za-z0-9._=,+-]", "_", self.variant.label)
-        if variant != self.variant.label:  # keep names of different variants apart
-            variant += "-" + hashlib.sha256(self.variant.label.encode()).hexdigest()[:8]
+        """File name of this unit's pre-trained network in ``OUT/cache``: named by the
+        variant's options that pre-training sees (adaptation-only options are left out, so
+        variants that differ only in them share the file)."""
+        options = {k: v for k, v in self.variant.options.items() if k not in ADAPTATION_ONLY}
+        label = self.variant.label if options == self.variant.options else (
+            ",".join(f"{k}={_show(v)}" for k, v in options.items()) or "default")
+        variant = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)
+        if variant != label:  # keep names of different variants apart
+            variant += "-" + hashlib.sha256(label.encode()).hexdigest()[:8]
         return f"{self.task.name}__{variant}__{self.method}__seed{self.seed}.pt"
 
 
@@ -232,12 +240,12 @@ def _seeds(path: Path, value: Any) -> list[int]:
         if value < 1:
             raise _error(path, "[experiment] seeds", f"expected a count >= 1, got {value}", fix)
         return list(range(value))
-    if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+    if isinstance(value, list) and value and all(_is_int(v) and 0 <= v < 2**32 for v in value):
         if len(set(value)) != len(value):
             raise _error(path, "[experiment] seeds", f"duplicate seeds in {value}", fix)
         return list(value)
     raise _error(path, "[experiment] seeds", f"expected a count >= 1 or a non-empty list of "
-                 f"seeds >= 0, got {value!r}", fix)
+                 f"seeds from 0 to {2**32 - 1}, got {value!r}", fix)
 
 
 def _is_int(value: Any) -> bool:
@@ -371,7 +379,7 @@ def _check_configs(spec: ExperimentSpec) -> None:
         try:
             config = spec.config(task, variant)
             api._check_methods(list(task.methods), list(task.train_days), config)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:  # the types were checked when the spec was read
             raise _error(spec.path, where, str(exc), "fix the value in [defaults], [grid] or "
                          "the task's config") from None
         for key, cities in (("source_span", task.sources), ("target_span", [task.target])):
@@ -626,6 +634,44 @@ def _resolve_data_dir(spec: ExperimentSpec, data_dir: str | Path | None) -> Path
     return chosen
 
 
+def check_units(spec: ExperimentSpec, units: list[Unit], data_dir: Path, registry: Any = None,
+                done: set[tuple[str, str, str, int, int]] | frozenset = frozenset()
+                ) -> dict[tuple[str, str], _TaskData]:
+    """Check, before any unit runs, what can fail without training, for every (task, variant)
+    with work left: every city file of the task, the target's splits at each of its
+    train-days (windows, observed cells), and one forward pass of each pre-trained method's
+    network on every city (:func:`preflight_methods`). A problem in the last task then fails
+    in seconds, not after the units before it have trained.
+
+    Returns the data of the (task, variant) that runs first (checked last), for the run to
+    keep instead of preparing it again.
+    """
+    groups: dict[tuple[str, str], list[Unit]] = {}
+    for unit in units:
+        if any(unit.key(d) not in done for d in unit.train_days):
+            groups.setdefault((unit.task.name, unit.variant.label), []).append(unit)
+    data = _TaskData()
+    for (name, variant), group in reversed(groups.items()):
+        task, config = group[0].task, group[0].config
+        methods = list(dict.fromkeys(u.method for u in group))
+        try:
+            city = api.load(data_dir, task.target, config.target_span)
+            targets = {d: target_task(city, d, config)
+                       for d in dict.fromkeys(d for u in group for d in u.train_days)}
+            if any(get_method(m).pretrains for m in methods):
+                sources = api.prepare_sources(data_dir, list(task.sources), config)
+            else:  # not trained on, but a city of the spec is still checked
+                for source in task.sources:
+                    api.load(data_dir, source, config.source_span)
+                sources = api.SourceData([], {}, "none")
+            preflight_methods(methods, [*sources.tasks, *targets.values()], config, registry)
+        except ValueError as exc:
+            raise ValueError(f"spec {spec.path}: [[task]] {name!r}, variant {variant!r}: {exc}"
+                             ) from exc
+        data = _TaskData(sources, targets)
+    return {(name, variant): data} if groups else {}
+
+
 def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Path | None = None,
                    progress: bool = False, registry: Any = None,
                    tasks: list[str] | None = None,
@@ -647,9 +693,14 @@ def run_experiment(spec_path: str | Path, out: str | Path, *, data_dir: str | Pa
     for device in sorted({u.config.device for u in units}):
         api.check_device(device)
     chosen = _resolve_data_dir(spec, data_dir)
+    check_writable(out)
+    first = check_units(spec, units, chosen, registry,
+                        _done_keys(read_results(out / RESULTS_FILE)))
     _prepare_out(spec, out)
     with exclusive_folder(out, "`stbat experiment`"):
-        return _run_units(_Run(spec, out, chosen, registry, progress), start, tasks, seeds)
+        run = _Run(spec, out, chosen, registry, progress)
+        run.data = first
+        return _run_units(run, start, tasks, seeds)
 
 
 def _run_units(run: _Run, start: float, tasks: list[str] | None = None,

@@ -19,16 +19,19 @@ from torch import nn
 from stbat_plugin import functional as SF
 from stbat_plugin.data.descriptors import region_descriptors
 from stbat_plugin.data.splits import steps_per_day
-from stbat_plugin.pipeline import classical
+from stbat_plugin.pipeline import classical, metrics
 from stbat_plugin.pipeline.config import TransferConfig
 from stbat_plugin.pipeline.methods import (
+    Adapted,
+    PretrainSetup,
+    adapt_to_target,
     build_linear,
     build_network,
     finetune,
     linear_setup,
     maml_setup,
+    original_rmse,
     plain_setup,
-    predict,
     stbat_setup,
     train_target_only,
 )
@@ -64,8 +67,8 @@ class Method:
         name: the name used by the API, the CLI (``--methods``) and the results.
         summary: one line for ``--help`` and the docs.
         adapt: makes the test forecast on a target task (after fine-tuning, if any).
-        pretrain: ``(sources, config, descriptors, registry) -> (model, net, step)``
-            for methods pre-trained on the source cities; None for the others.
+        pretrain: ``(sources, config, descriptors, registry) -> PretrainSetup(model, net,
+            step)`` for methods pre-trained on the source cities; None for the others.
         zero_shot: runs with 0 target training days.
         horizon_one: only forecasts one step ahead.
         network: ``(config, registry) -> net``, the transferable network a checkpoint of
@@ -79,7 +82,7 @@ class Method:
     name: str
     summary: str
     adapt: Adapt
-    pretrain: Callable[..., tuple] | None = None
+    pretrain: Callable[..., PretrainSetup] | None = None
     zero_shot: bool = False
     horizon_one: bool = False
     network: Callable[[TransferConfig, Any], nn.Module] = build_network
@@ -89,10 +92,6 @@ class Method:
     @property
     def pretrains(self) -> bool:
         return self.pretrain is not None
-
-    @property
-    def needs_train_days(self) -> bool:
-        return not self.zero_shot
 
 
 METHODS: dict[str, Method] = {}
@@ -118,13 +117,11 @@ def method_names() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- deep
-def _deep_forecast(net: nn.Module, task: CityTask, config: TransferConfig,
-                   info: dict[str, Any]) -> Forecast:
+def _deep_forecast(adapted: Adapted, task: CityTask, config: TransferConfig) -> Forecast:
     """Test forecast, plus the target-validation RMSE (original units) used for selection."""
-    pred, y, mask = predict(net, task, "val", config.device)
-    val_err = (task.to_original(pred) - task.to_original(y))[mask]
-    info = {**info, "val_rmse": float(val_err.pow(2).mean().sqrt())}
-    pred, y, mask = predict(net, task, "test", config.device)
+    pred, y, mask = adapted.predict(task, "val", config.device)
+    info = {**adapted.info, "val_rmse": original_rmse(task, pred, y, mask)}
+    pred, y, mask = adapted.predict(task, "test", config.device)
     return Forecast(task.to_original(pred), task.to_original(y), mask, info)
 
 
@@ -133,17 +130,18 @@ def _adapt_pretrained(net: nn.Module | None, task: CityTask, config: TransferCon
     """Fine-tune on the target's training days (none: zero-shot), then forecast."""
     if net is None:
         raise ValueError("a pre-trained method needs its pre-trained network")
-    info: dict[str, Any] = {}
-    if task.has_training_days:
-        net, fit = finetune(net, task, config, seed, progress=progress)
-        info = {"finetune_best_epoch": fit.best_epoch, "finetune_epochs": fit.epochs_run}
-    return _deep_forecast(net, task, config, info)
+    pretrained = net
+    adapted = adapt_to_target(
+        task, config, lambda cfg: finetune(pretrained, task, cfg, seed, progress=progress), net)
+    return _deep_forecast(adapted, task, config)
 
 
 def _adapt_target_only(net: nn.Module | None, task: CityTask, config: TransferConfig, seed: int,
                        registry: Any, progress: bool) -> Forecast:
-    net, fit = train_target_only(task, config, seed, registry=registry, progress=progress)
-    return _deep_forecast(net, task, config, {"best_epoch": fit.best_epoch})
+    adapted = adapt_to_target(task, config, lambda cfg: train_target_only(
+        task, cfg, seed, registry=registry, progress=progress))
+    adapted.info["best_epoch"] = adapted.info["finetune_best_epoch"]
+    return _deep_forecast(adapted, task, config)
 
 
 def riam_target_density(model: Any, task: CityTask, kind: str) -> dict[str, Any]:
@@ -159,12 +157,12 @@ def riam_target_density(model: Any, task: CityTask, kind: str) -> dict[str, Any]
         return {}
     (desc,), _ = region_descriptors([city], [task.fit_slice], kind=kind)
     valid = task.region_mask
-    if valid.sum() < 2 or desc.values.shape[1] != riam.encoder[0].in_features:
+    if valid.sum() < 2 or desc.values.shape[1] != riam.num_descriptors:
         return {}
     with torch.no_grad():
         device = next(riam.parameters()).device
         phi = riam(normalize_descriptors(torch.as_tensor(desc.values[valid])).to(device))
-        log_density = SF.kde_log_density(phi, float(model.bandwidth)).cpu().numpy()
+        log_density = SF.kde_log_density(phi, model.options.bandwidth).cpu().numpy()
     out: list[float | None] = [None] * city.num_regions
     for i, v in zip(np.flatnonzero(valid), log_density, strict=True):
         out[int(i)] = float(v)
@@ -207,13 +205,15 @@ def _seasonal(net, task, config, seed, registry, progress) -> Forecast:
         start = max(val.start, lag)
         if start >= val.stop:
             continue
-        pred = classical.seasonal_naive(city, slice(start, val.stop), lag)
         mask = task.cell_mask(slice(start, val.stop))
-        err = (pred - city.flow[start:val.stop]) ** 2
-        scores[lag] = float(np.sqrt(err[np.broadcast_to(mask, err.shape)].mean()))
+        if not mask.any():  # nothing observed to score this lag on
+            continue
+        pred = classical.seasonal_naive(city, slice(start, val.stop), lag)
+        scores[lag] = metrics.rmse(pred, city.flow[start:val.stop], mask)
     if not scores:
-        raise ValueError(f"seasonal: the history of {city.name!r} is shorter than one day "
-                         "before its validation days; no lag can be chosen")
+        raise ValueError(f"seasonal: no lag can be chosen for {city.name!r}: its history is "
+                         "shorter than one day before its validation days, or no validation "
+                         "step after one lag is observed; give more history (--target-span)")
     lag = min(scores, key=scores.__getitem__)
     sl = _eval_slice(task)
     return _classical_forecast(task, sl, classical.seasonal_naive(city, sl, lag),

@@ -8,14 +8,19 @@
 - ``linear``: NLinear (last value + a linear map of the window), trained like ``finetune``.
 - ``target-only``: the same network trained on the target's training days only.
 
-Which method uses which set-up is declared once, in :mod:`stbat_plugin.registry_methods`.
+Every deep method adapts to the target through :func:`adapt_to_target`: fine-tuning (the
+learning rate chosen on target validation), then the optional per-region calibration.
+
+Which method uses which set-up is declared once, in :mod:`stbat_plugin.pipeline.method_registry`.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,8 +29,9 @@ from torch import Tensor, nn
 from stbat_plugin import functional as SF
 from stbat_plugin._registry import create_backbone
 from stbat_plugin.adapters import resolve_backbone
+from stbat_plugin.calibration import apply_affine_calibration, fit_affine_calibration
 from stbat_plugin.network import NLinear, PredictionNetwork
-from stbat_plugin.pipeline import distributed
+from stbat_plugin.pipeline import distributed, metrics
 from stbat_plugin.pipeline.config import TransferConfig
 from stbat_plugin.pipeline.tasks import CityTask, fold_channels, round_robin, unfold_channels
 from stbat_plugin.pipeline.trainer import FitResult, Trainer
@@ -35,7 +41,7 @@ from stbat_plugin.wrapper import BalancedTransfer, finite_losses
 __all__ = [
     "seed_everything", "build_backbone", "build_network", "predict", "validation_error",
     "pretrain", "finetune", "train_target_only", "build_linear", "stbat_setup", "plain_setup", "linear_setup",
-    "maml_setup",
+    "maml_setup", "PretrainSetup", "Adapted", "adapt_to_target", "original_rmse",
 ]
 
 
@@ -53,12 +59,14 @@ def build_network(config: TransferConfig, registry: Any = None) -> PredictionNet
     """Backbone + predictor, univariate (channels are folded into the batch)."""
     return PredictionNetwork(resolve_backbone(build_backbone(config, registry), registry=registry),
                              horizon=config.horizon, out_channels=1, normalize=config.normalize,
-                             linear_skip=config.linear_skip, window=config.window)
+                             linear_skip=config.linear_skip, window=config.window,
+                             lag_channels=len(config.lag_days))
 
 
 def build_linear(config: TransferConfig, registry: Any = None) -> NLinear:
-    """NLinear over the configured window and horizon (the ``linear`` method's network)."""
-    return NLinear(config.window, horizon=config.horizon, out_channels=1)
+    """NLinear over the configured window, horizon and lag inputs (the ``linear`` method)."""
+    return NLinear(config.window, horizon=config.horizon, out_channels=1,
+                   lag_channels=len(config.lag_days))
 
 
 @torch.no_grad()
@@ -69,7 +77,7 @@ def predict(net: nn.Module, task: CityTask, part: str, device: str,
     graph = task.graph_kwargs(net, device)
     preds, ys, masks = [], [], []
     c = task.city.num_channels
-    for batch in task.loader(part, batch_size, shuffle=False):
+    for batch in task.loader(part, batch_size, shuffle=False, drop_last=False):
         x, _, _ = fold_channels(batch, device)
         preds.append(unfold_channels(net(x, **graph), c).cpu())
         ys.append(batch["y"])
@@ -171,12 +179,14 @@ def training_state(loop: dict[str, Any], model: nn.Module,
     """A run's state after an epoch, made of tensors, numbers, strings, lists and dicts only
     (loadable with ``torch.load(weights_only=True)``)."""
     np_state: tuple[Any, ...] = tuple(np.random.get_state())
-    cities = getattr(model, "cities", None)
+    imbalance = model.imbalance_state() if isinstance(model, BalancedTransfer) else {}
     return {
         "loop": {**loop, "history": [dict(h) for h in loop["history"]]},
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        # cities whose RIAM state is computed (the others are refreshed when first trained)
-        "fresh": [] if cities is None else [k for k, c in cities.items() if c.fresh],
+        # the RIAM state of the cities that have it computed (not in state_dict; the other
+        # cities are refreshed when first trained)
+        "imbalance": {city: {k: v.cpu() for k, v in bufs.items()}
+                      for city, bufs in imbalance.items()},
         "optimizers": [opt.state_dict() for opt in optimizers],
         "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state(),
                 "round_robin": rng.bit_generator.state,
@@ -191,8 +201,10 @@ def _restore(state: dict[str, Any], model: nn.Module,
              rng: np.random.Generator) -> dict[str, Any]:
     """Put ``model``, ``optimizers`` and the generators back to a :func:`training_state`."""
     model.load_state_dict(state["model"])
-    for name in state.get("fresh", []):
-        model.cities[name].fresh = True  # type: ignore[index, union-attr]
+    if isinstance(model, BalancedTransfer):
+        model.load_imbalance_state(state.get("imbalance", {}))
+        for name in state.get("fresh", []):  # a state written before "imbalance": the RIAM
+            model._city(name).fresh = True  # state came with "model" (loaded above)
     saved = state["optimizers"]
     if len(saved) != len(optimizers):
         raise ValueError(f"the saved run has {len(saved)} optimiser(s), this method "
@@ -233,42 +245,52 @@ def _grad_sync() -> Callable[[torch.optim.Optimizer, bool], bool] | None:
     return None if ctx is None else ctx.sync_optimizer
 
 
+class PretrainSetup(NamedTuple):
+    """What a method's ``pretrain`` entry builds (:class:`~.method_registry.Method`)."""
+
+    model: nn.Module  # everything trained (e.g. BalancedTransfer with its RIAM)
+    net: nn.Module  # the transferable network that is saved and adapted
+    step: Callable[..., Any]  # one training step; carries ``optimizers`` (and ``distributed``)
+
+
 def stbat_setup(sources: list[CityTask], config: TransferConfig,
-                descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
-    """``(model, transferable net, step)`` of STBaT pre-training (Sec. 4.3)."""
+                descriptors: dict[str, np.ndarray] | None, registry: Any) -> PretrainSetup:
+    """STBaT pre-training (Sec. 4.3): the wrapper, its transferable network and step."""
     model = _build_stbat(sources, config, descriptors, registry).to(config.device)
     optimizers = model.configure_optimizers(lr=config.lr)
-    return model, model.transferable(), _with_optimizers(
-        _stbat_step(model, _by_name(sources), config, optimizers), *optimizers)
+    return PretrainSetup(model, model.transferable(), _with_optimizers(
+        _stbat_step(model, _by_name(sources), config, optimizers), *optimizers))
+
+
+def _plain_setup(net: nn.Module, sources: list[CityTask], config: TransferConfig
+                 ) -> PretrainSetup:
+    """``net`` trained alone with the plain prediction loss (Adam)."""
+    net = net.to(config.device)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    return PretrainSetup(net, net, _with_optimizers(
+        _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
+                    _grad_sync(), config.precision), opt))
 
 
 def plain_setup(sources: list[CityTask], config: TransferConfig,
-                descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
-    """``(net, net, step)``: backbone + predictor with the plain prediction loss."""
-    net = build_network(config, registry).to(config.device)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    return net, net, _with_optimizers(
-        _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
-                    _grad_sync(), config.precision), opt)
+                descriptors: dict[str, np.ndarray] | None, registry: Any) -> PretrainSetup:
+    """Backbone + predictor with the plain prediction loss."""
+    return _plain_setup(build_network(config, registry), sources, config)
 
 
 def linear_setup(sources: list[CityTask], config: TransferConfig,
-                 descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
-    """``(net, net, step)``: NLinear with the plain prediction loss."""
-    net = build_linear(config, registry).to(config.device)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    return net, net, _with_optimizers(
-        _plain_step(net, _by_name(sources), opt, config.device, config.on_nonfinite,
-                    _grad_sync(), config.precision), opt)
+                 descriptors: dict[str, np.ndarray] | None, registry: Any) -> PretrainSetup:
+    """NLinear with the plain prediction loss."""
+    return _plain_setup(build_linear(config, registry), sources, config)
 
 
 def maml_setup(sources: list[CityTask], config: TransferConfig,
-               descriptors: dict[str, np.ndarray] | None, registry: Any) -> tuple:
-    """``(net, net, step)`` of first-order MAML over source-city batches."""
+               descriptors: dict[str, np.ndarray] | None, registry: Any) -> PretrainSetup:
+    """First-order MAML over source-city batches."""
     net = build_network(config, registry).to(config.device)
     outer = torch.optim.Adam(net.parameters(), lr=config.lr)
-    return net, net, _with_optimizers(_maml_step(net, _by_name(sources), config, outer,
-                                                 _grad_sync()), outer)
+    return PretrainSetup(net, net, _with_optimizers(
+        _maml_step(net, _by_name(sources), config, outer, _grad_sync()), outer))
 
 
 def _by_name(tasks: list[CityTask]) -> dict[str, CityTask]:
@@ -277,7 +299,7 @@ def _by_name(tasks: list[CityTask]) -> dict[str, CityTask]:
 
 def _build_stbat(sources: list[CityTask], config: TransferConfig,
                  descriptors: dict[str, np.ndarray] | None, registry: Any) -> BalancedTransfer:
-    needs = config.use_simdcl or config.use_weighted_loss
+    needs = config.stbat.use_simdcl or config.stbat.use_weighted_loss
     if needs and descriptors is None:
         raise ValueError("STBaT needs region descriptors of every source city")
     return BalancedTransfer(
@@ -285,13 +307,9 @@ def _build_stbat(sources: list[CityTask], config: TransferConfig,
         region_features={k: torch.as_tensor(v) for k, v in (descriptors or {}).items()}
         if needs else None,
         valid_regions={t.name: torch.as_tensor(t.region_mask) for t in sources} if needs else None,
-        horizon=config.horizon, out_channels=1, embed_dim=config.embed_dim,
-        bandwidth=config.bandwidth, tau=config.tau, beta=config.beta,
-        simdcl_weight=config.simdcl_weight, use_poi=config.use_poi, use_fdp=config.use_fdp,
-        use_simdcl=config.use_simdcl, use_weighted_loss=config.use_weighted_loss,
-        simdcl_chunk=config.simdcl_chunk, simdcl_anchors=config.simdcl_anchors,
-        normalize=config.normalize, linear_skip=config.linear_skip, window=config.window,
-        registry=registry,
+        horizon=config.horizon, out_channels=1, normalize=config.normalize,
+        linear_skip=config.linear_skip, window=config.window,
+        lag_channels=len(config.lag_days), registry=registry, options=config.stbat,
     )
 
 
@@ -410,3 +428,87 @@ def train_target_only(target: CityTask, config: TransferConfig, seed: int, regis
     """The same network, freshly initialised, trained on the target's training days only."""
     seed_everything(seed)
     return finetune(build_network(config, registry), target, config, seed, progress)
+
+
+# ----------------------------------------------------------------------------- adaptation
+def original_rmse(task: CityTask, pred: Tensor, y: Tensor, mask: Tensor) -> float:
+    """Masked RMSE in ORIGINAL units of scaled predictions (any scaler, affine or not):
+    :func:`stbat_plugin.pipeline.metrics.rmse` of the inverse-transformed values.
+
+    Shapes:
+        pred, y, mask: ``[W, s, n, c]``.
+    """
+    return metrics.rmse(task.to_original(pred), task.to_original(y), mask)
+
+
+@dataclass
+class Adapted:
+    """A network adapted to the target city, its calibration (``a, b`` ``[n, c]``, scaled
+    units; target-only parameters, never transferred) and what the adaptation chose."""
+
+    net: nn.Module
+    calibration: tuple[Tensor, Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, task: CityTask, part: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`predict`, calibrated. Shapes: ``[W, s, n, c]`` each (scaled units)."""
+        pred, y, mask = predict(self.net, task, part, device)
+        if self.calibration is not None:
+            pred = apply_affine_calibration(pred, *self.calibration)
+        return pred, y, mask
+
+
+def _score(value: float) -> float:
+    return value if math.isfinite(value) else math.inf  # a NaN forecast never wins
+
+
+def adapt_to_target(task: CityTask, config: TransferConfig,
+                    fit: Callable[[TransferConfig], tuple[nn.Module, FitResult]],
+                    net: nn.Module | None = None) -> Adapted:
+    """The one adaptation path of every deep method (pre-trained or target-only).
+
+    With training days: ``fit(config)`` (fine-tuning, or training from scratch) runs once per
+    learning rate of ``config.finetune_lr_grid`` (just ``config.finetune_lr`` when empty),
+    each from the same start and seed; the network with the lowest target-validation RMSE
+    (original units; ties: the first) is kept. Then ``config.calibrate`` fits the per-region
+    calibration on the training windows (:func:`fit_affine_calibration`); ``"auto"`` keeps it
+    only if target-validation RMSE improves. Zero-shot (no training days): ``net`` as is.
+    """
+    if not task.has_training_days:
+        if net is None:
+            raise ValueError(f"target {task.name!r} has no training days: a zero-shot "
+                             "adaptation needs a pre-trained network")
+        skipped = {} if config.calibrate == "none" else {
+            "calibrated": False, "calibration": "none: zero-shot, no target training days"}
+        return Adapted(net.to(config.device), None, skipped)
+    tried: list[dict[str, float]] = []
+    best: tuple[float, float, nn.Module, FitResult] | None = None  # (score, lr, net, fit)
+    for lr in config.finetune_lr_grid or [config.finetune_lr]:
+        candidate, result = fit(replace(config, finetune_lr=lr))
+        pred, y, mask = predict(candidate, task, "val", config.device)
+        rmse = original_rmse(task, pred, y, mask)
+        tried.append({"lr": lr, "val_rmse": rmse, "best_epoch": result.best_epoch})
+        if best is None or _score(rmse) < best[0]:
+            best = (_score(rmse), lr, candidate, result)
+    assert best is not None  # at least one learning rate
+    _, lr, chosen, result = best
+    info: dict[str, Any] = {"finetune_lr": lr, "finetune_best_epoch": result.best_epoch,
+                            "finetune_epochs": result.epochs_run}
+    if config.finetune_lr_grid:
+        info["finetune_lr_val_rmse"] = tried
+    adapted = Adapted(chosen, None, info)
+    if config.calibrate != "none":
+        _calibrate(adapted, task, config)
+    return adapted
+
+
+def _calibrate(adapted: Adapted, task: CityTask, config: TransferConfig) -> None:
+    """Fit the calibration on the training windows; keep it per ``config.calibrate``."""
+    pred, y, mask = predict(adapted.net, task, "train", config.device)
+    a, b = fit_affine_calibration(pred, y, mask, config.calibrate_shrinkage)
+    pred, y, mask = predict(adapted.net, task, "val", config.device)
+    before = original_rmse(task, pred, y, mask)
+    after = original_rmse(task, apply_affine_calibration(pred, a, b), y, mask)
+    keep = config.calibrate == "affine" or _score(after) < _score(before)
+    adapted.calibration = (a, b) if keep else None
+    adapted.info.update(calibrated=keep, val_rmse_uncalibrated=before, val_rmse_calibrated=after)

@@ -18,7 +18,6 @@ appended to ``OUT/results.jsonl`` as they finish, and rerunning the same command
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -32,13 +31,14 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 import stbat_plugin
 from stbat_plugin.data.splits import steps_per_day, target_split
-from stbat_plugin.pipeline.config import TransferConfig
+from stbat_plugin.data.windows import window_count
+from stbat_plugin.pipeline.config import TransferConfig, setting_fields
 from stbat_plugin.pipeline.experiment import (
     RESULTS_FILE,
     SPEC_FILE,
@@ -57,7 +57,7 @@ __all__ = ["PaperTask", "PaperResult", "TASKS", "BUDGETS", "SWEEPS", "ABLATIONS"
 log = logging.getLogger(__name__)
 
 #: the data bundled with a source checkout (absent from an installed wheel)
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,7 @@ def default_data_dir() -> Path:
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The TransferConfig flags given on the command line (unset flags are absent)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferConfig)
-            if hasattr(args, f.name)}
+    return {f.name: getattr(args, f.name) for f in setting_fields() if hasattr(args, f.name)}
 
 
 def command_line(kind: str, options: dict[str, Any], overrides: dict[str, Any],
@@ -165,7 +164,7 @@ def command_line(kind: str, options: dict[str, Any], overrides: dict[str, Any],
     """The ``stbat KIND ...`` command that reproduces a run (flags in a fixed order);
     list options named in ``repeat`` are given once per value."""
     flags = {f.name: "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-             for f in dataclasses.fields(TransferConfig)}
+             for f in setting_fields()}
     parts = ["stbat", kind]
     for key, value in options.items():
         if value is None or value is False or value == []:
@@ -287,11 +286,19 @@ def _comment(kind: str, command: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- aggregates
-def _stat(values: Sequence[float]) -> tuple[float, float, int]:
+class Stat(NamedTuple):
+    """Mean, sample standard deviation (0 for one value) and count of some values."""
+
+    mean: float
+    std: float
+    n: int
+
+
+def _stat(values: Sequence[float]) -> Stat:
     arr = np.asarray(values, float)
     if arr.size == 0:
-        return float("nan"), float("nan"), 0
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size)
+        return Stat(float("nan"), float("nan"), 0)
+    return Stat(float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size))
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -437,11 +444,11 @@ def sensitivity(out: str | Path, *, data_dir: str | Path | None = None, task: st
     base = _task(task)
     base_entry = _task_entry(base, "sensitivity", overrides, methods=["stbat", "finetune"])
     base_entry["name"] = "base"
-    base_config = TransferConfig(**{**plan["config"], **base_entry["config"]})
+    base_config = TransferConfig.from_dict({**plan["config"], **base_entry["config"]})
     tasks = [base_entry]
     for fld, values in chosen.items():
         for value in values:
-            if value != getattr(base_config, fld):
+            if value != getattr(base_config.stbat, fld):
                 entry = _task_entry(base, "sensitivity", {**overrides, fld: value})
                 entry["name"] = f"{SWEEPS[fld][0]}-{_value_name(value)}"
                 tasks.append(entry)
@@ -451,19 +458,19 @@ def sensitivity(out: str | Path, *, data_dir: str | Path | None = None, task: st
     if dry_run:
         return PaperResult(out, out / SPEC_FILE, None, [], text)
     rows = _run("sensitivity", out, text, progress, registry)
-    points, reference, best, table = sensitivity_table(rows, chosen, base_config)
+    found = sensitivity_table(rows, chosen, base_config)
     blocks = [_header(f"Sensitivity (Fig. 4): {base.name}, few-shot", command, rows),
               "STBaT, one hyper-parameter varied at a time (the others at their default). "
               "Target-validation RMSE (what the best value is chosen on) and test RMSE, channel "
-              "mean, mean ± std over seeds.", table]
-    if reference is not None:
+              "mean, mean ± std over seeds.", found.markdown]
+    if found.reference is not None:
         blocks.append(f"Fine-tuning (reference, same budget): test RMSE "
-                      f"{_fmt(reference['mean'], reference['std'])}.")
-    defaults = {SWEEPS[f][0]: float(getattr(base_config, f)) for f in chosen}
+                      f"{_fmt(found.reference['mean'], found.reference['std'])}.")
+    defaults = {SWEEPS[f][0]: float(getattr(base_config.stbat, f)) for f in chosen}
     from stbat_plugin.pipeline.plots import plot_sensitivity
 
     return _finish("sensitivity", out, blocks, rows, lambda p: plot_sensitivity(
-        points, p, reference=reference, defaults=defaults, best=best))
+        found.points, p, reference=found.reference, defaults=defaults, best=found.best))
 
 
 def _sweeps(sweeps: dict[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
@@ -479,8 +486,17 @@ def _sweeps(sweeps: dict[str, Sequence[float]] | None) -> dict[str, tuple[float,
     return {k: tuple(v) for k, v in sweeps.items()}
 
 
+class SensitivityTable(NamedTuple):
+    """What :func:`sensitivity_table` finds in the rows."""
+
+    points: list[dict[str, Any]]  # one per swept value: test mean / std, validation mean, n
+    reference: dict[str, Any] | None  # fine-tuning's test RMSE, None without those rows
+    best: dict[str, float]  # symbol -> the value with the lowest validation RMSE
+    markdown: str
+
+
 def sensitivity_table(rows: list[dict[str, Any]], sweeps: Mapping[str, Sequence[float]],
-                      base: TransferConfig) -> tuple[list[dict], dict | None, dict, str]:
+                      base: TransferConfig) -> SensitivityTable:
     """Plot points, the fine-tuning reference, the best value per symbol (on validation) and
     the markdown table of sensitivity rows (channel mean, few-shot)."""
     rows = [r for r in _mean_rows(rows) if r["train_days"] > 0]
@@ -492,32 +508,34 @@ def sensitivity_table(rows: list[dict[str, Any]], sweeps: Mapping[str, Sequence[
         elif r["method"] == "stbat":
             by_task[r["task"]]["test"].append(r["rmse"])
             by_task[r["task"]]["val"].append(r.get("info", {}).get("val_rmse", float("nan")))
-    points, best, lines = [], {}, ["| parameter | value | seeds | target-val RMSE | test RMSE | |",
-                                   "|---|---|---|---|---|---|"]
+    points: list[dict[str, Any]] = []
+    best: dict[str, float] = {}
+    lines = ["| parameter | value | seeds | target-val RMSE | test RMSE | |",
+             "|---|---|---|---|---|---|"]
     for fld, values in sweeps.items():
         symbol = SWEEPS[fld][0]
-        found = []
+        found: list[tuple[float, Stat, Stat]] = []  # (value, validation, test)
         for value in values:
-            name = "base" if value == getattr(base, fld) else f"{symbol}-{_value_name(value)}"
+            name = "base" if value == getattr(base.stbat, fld) else f"{symbol}-{_value_name(value)}"
             got = by_task.get(name)
             if not got:
                 continue
             test, val = _stat(got["test"]), _stat(got["val"])
             found.append((value, val, test))
-            points.append({"param": symbol, "value": float(value), "mean": test[0],
-                           "std": test[1], "val_mean": val[0], "n": test[2]})
+            points.append({"param": symbol, "value": float(value), "mean": test.mean,
+                           "std": test.std, "val_mean": val.mean, "n": test.n})
         if not found:
             continue
-        best_value = min(found, key=lambda f: f[1][0])[0]
+        best_value = min(found, key=lambda f: f[1].mean)[0]
         best[symbol] = float(best_value)
         for value, val, test in found:
-            note = ", ".join(n for n, on in (("default", value == getattr(base, fld)),
+            note = ", ".join(n for n, on in (("default", value == getattr(base.stbat, fld)),
                                                ("**best on validation**", value == best_value)) if on)
-            lines.append(f"| {symbol} | {_value_name(value)} | {test[2]} | {_fmt(val[0], val[1])} | "
-                         f"{_fmt(test[0], test[1])} | {note} |")
+            lines.append(f"| {symbol} | {_value_name(value)} | {test.n} | {_fmt(val.mean, val.std)} | "
+                         f"{_fmt(test.mean, test.std)} | {note} |")
     mean, std, n = _stat(ref)
     reference = {"mean": mean, "std": std, "label": "finetune"} if n else None
-    return points, reference, best, "\n".join(lines)
+    return SensitivityTable(points, reference, best, "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- scarcity
@@ -564,12 +582,13 @@ def _check_days(data: Path, entry: dict[str, Any], days: list[int], config: dict
     """Refuse, before any run, train-days the target cannot hold or that give no window."""
     from stbat_plugin.pipeline import api
 
-    cfg = TransferConfig(**config)
+    cfg = TransferConfig.from_dict(config)
     city = api.load(data, entry["target"], cfg.target_span)
     per_day = steps_per_day(city.interval_minutes)
     target_split(city.num_steps, per_day, max(days), cfg.val_days, cfg.test_days,
                  name=f"task {entry['name']!r}: target city {city.name!r}")
-    short = [d for d in days if 0 < d and d * per_day < cfg.window + cfg.horizon]
+    short = [d for d in days if 0 < d and window_count(
+        d * per_day, 0, d * per_day, cfg.window, cfg.horizon, "inside") == 0]
     if short:
         raise ValueError(f"task {entry['name']!r}: {short} training day(s) give no window of "
                          f"{cfg.window}+{cfg.horizon} steps ({per_day} steps a day); drop them "
@@ -628,7 +647,7 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
         raise ValueError(f"efficiency measures trained methods; {bad} train nothing (choose from "
                          "methods that pre-train, and target-only)")
     entry = _task_entry(_task(task), "efficiency", overrides)
-    cfg = TransferConfig(**{**plan["config"], **entry["config"]})
+    cfg = TransferConfig.from_dict({**plan["config"], **entry["config"]})
     if cfg.patience < max(cfg.max_epochs, cfg.finetune_epochs):
         raise ValueError(f"efficiency compares methods over the same number of epochs: give "
                          f"--patience >= {max(cfg.max_epochs, cfg.finetune_epochs)} (max_epochs "
@@ -654,7 +673,7 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
         measure.update(method=method, seed=seed)
         _append_rows(out / MEASURE_FILE, [measure])
     measures = _read_jsonl(out / MEASURE_FILE)
-    entries, baseline, table = efficiency_table(measures, methods)
+    found = efficiency_table(measures, methods)
     rows = [r for m in measures for r in m.get("rows", [])]
     blocks = [_header(f"Efficiency (Table 3): {entry['name']}", command, rows,
                       f"Every method pre-trains {cfg.max_epochs} epoch(s) and fine-tunes "
@@ -662,14 +681,14 @@ def efficiency(out: str | Path, *, data_dir: str | Path | None = None, task: str
                       "its own process, one after another, on the same data."),
               "Peak memory = the process's maximum resident set size (everything: Python, torch, "
               "data, training); training time = pre-training + fine-tuning seconds from the "
-              "result rows; ratios against fine-tuning.", table]
-    if baseline is not None:
+              "result rows; ratios against fine-tuning.", found.markdown]
+    if found.baseline_mb is not None:
         blocks.append(f"A process that only loads the data, prepares the tasks and builds the "
-                      f"network (no training) peaks at {baseline:.0f} MB.")
+                      f"network (no training) peaks at {found.baseline_mb:.0f} MB.")
     from stbat_plugin.pipeline.plots import plot_efficiency
 
     return _finish("efficiency", out, blocks, rows,
-                   lambda p: plot_efficiency(entries, p, baseline_mb=baseline))
+                   lambda p: plot_efficiency(found.entries, p, baseline_mb=found.baseline_mb))
 
 
 def _measure(folder: Path, *, data_only: bool, plugins: Sequence[str], progress: bool
@@ -714,8 +733,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+class EfficiencyTable(NamedTuple):
+    """What :func:`efficiency_table` finds in the measurements."""
+
+    entries: list[dict[str, Any]]  # one per method: peak memory, training time, runs
+    baseline_mb: float | None  # peak memory of the data-only process, None if not measured
+    markdown: str
+
+
 def efficiency_table(measures: list[dict[str, Any]], methods: Sequence[str]
-                     ) -> tuple[list[dict[str, Any]], float | None, str]:
+                     ) -> EfficiencyTable:
     """Plot entries, the data-only memory floor and the markdown table."""
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for m in measures:
@@ -730,11 +757,11 @@ def efficiency_table(measures: list[dict[str, Any]], methods: Sequence[str]
         peak = _stat([m["peak_mb"] for m in ms])
         train = _stat([m["pretrain_seconds"] + m["finetune_seconds"] for m in ms])
         pre = _stat([m["pretrain_seconds"] for m in ms])
-        entries.append({"method": method, "peak_mb": peak[0], "peak_mb_std": peak[1],
-                        "seconds": train[0], "seconds_std": train[1], "pretrain": pre[0],
-                        "n": peak[2]})
+        entries.append({"method": method, "peak_mb": peak.mean, "peak_mb_std": peak.std,
+                        "seconds": train.mean, "seconds_std": train.std, "pretrain": pre.mean,
+                        "n": peak.n})
     if not entries:
-        return entries, baseline, "No measurement yet."
+        return EfficiencyTable(entries, baseline, "No measurement yet.")
     ref: dict[str, Any] = next((e for e in entries if e["method"] == "finetune"), entries[0])
     lines = [f"| method | runs | peak memory (MB) | x {ref['method']} | above data-only (MB) | "
              f"training time (s) | x {ref['method']} | of which pre-training (s) |",
@@ -745,7 +772,7 @@ def efficiency_table(measures: list[dict[str, Any]], methods: Sequence[str]
                      f"{e['peak_mb'] / ref['peak_mb']:.2f} | {above} | "
                      f"{e['seconds']:.1f} ± {e['seconds_std']:.1f} | "
                      f"{e['seconds'] / ref['seconds']:.2f} | {e['pretrain']:.1f} |")
-    return entries, baseline, "\n".join(lines)
+    return EfficiencyTable(entries, baseline, "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- the CLI

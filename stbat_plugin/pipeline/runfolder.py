@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stbat_plugin.pipeline.config import TransferConfig
 from stbat_plugin.pipeline.io import atomic_write_text, exclusive_folder
 from stbat_plugin.pipeline.results import append_rows, read_results, write_results
 
@@ -117,6 +118,12 @@ def _check_same_run(run_file: Path, identity: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
         raise ValueError(f"{run_file} is not a run description; use --overwrite or another --out")
     fresh = json.loads(json.dumps(identity, sort_keys=True))
+    if isinstance(saved.get("config"), dict):  # settings added since: compared at their default
+        try:
+            saved["config"] = TransferConfig.from_dict(saved["config"]).to_dict()
+        except ValueError:
+            pass  # an unknown or invalid setting: the diff below names it
+        saved = json.loads(json.dumps(saved, sort_keys=True))
     diff = _diff(saved, fresh)
     if diff:
         raise ValueError(f"--out {run_file.parent} holds another run; it differs in "
