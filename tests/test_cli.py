@@ -358,6 +358,25 @@ def test_a_bug_deep_in_a_run_exits_1_and_is_never_shown_as_a_user_error(bug, tmp
     assert code == 1 and "Traceback (most recent call last)" in err and "fails" in err
 
 
+def test_a_long_internal_error_is_one_short_line_without_debug(tmp_path, monkeypatch):
+    from stbat_plugin.pipeline import api
+
+    text = "shape mismatch\n" + "\n".join(f"  tensor {i}: [{i}, 3]" for i in range(200))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(text)
+
+    monkeypatch.setattr(api, "transfer", fails)
+    argv = ["transfer", "--data-dir", TINY, "--source", "nyc_bike", "--target",
+            "melbourne_pedestrian", "--out", tmp_path / "out", *TINY_RUN]
+    code, _, err = run_cli(argv)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "RuntimeError: shape mismatch tensor 0: [0, 3]" in err and "..." in err
+    assert len(err) < 500
+    code, _, err = run_cli(["--debug", *argv])
+    assert code == 1 and "tensor 199: [199, 3]" in err  # the whole message with --debug
+
+
 def test_out_that_is_a_file_fails_before_running(tmp_path, monkeypatch):
     from stbat_plugin.pipeline import api
 

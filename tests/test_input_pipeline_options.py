@@ -62,7 +62,8 @@ def test_new_settings_are_fields_with_flags_and_checked():
     cfg = TransferConfig(lag_days=[7, 1], time_features=True)
     assert cfg.lag_days == [1, 7] and cfg.input_channels == 1 + 2 + 4
     assert cfg.model_signature()["lag_days"] == [1, 7]
-    assert TransferConfig().lag_days == [] and TransferConfig().input_channels == 1
+    assert TransferConfig().lag_days == [1] and TransferConfig().input_channels == 2  # default
+    assert TransferConfig(lag_days=[]).input_channels == 1
     assert set(ADAPTATION_ONLY) >= {"calibrate", "calibrate_shrinkage", "finetune_lr_grid"}
     assert not {"scaler", "lag_days"} & set(ADAPTATION_ONLY)
     args = build_parser().parse_args(
@@ -104,6 +105,25 @@ def test_a_checkpoint_with_other_lag_inputs_is_refused(tmp_path):
         load_checkpoint(path, expect_config=tiny_config())
     net = api.from_checkpoint(path, with_lags).net
     assert isinstance(net, NLinear) and net.lag_channels == 2
+
+
+def test_a_config_saved_before_lag_inputs_existed_means_no_lags(tmp_path):
+    """The default became lag_days=[1]; a checkpoint or run folder written before the key
+    existed was trained without lag inputs and must still load as such."""
+    old = tiny_config(lag_days=[])
+    saved = old.to_dict()
+    del saved["lag_days"]
+    assert TransferConfig.from_saved(saved).lag_days == []
+    assert TransferConfig.from_dict(saved).lag_days == [1]  # a partial dict (flags, spec): today's
+    path = save_checkpoint(tmp_path / "old.ckpt", build_linear(old).state_dict(), config=old,
+                           method="linear", data={})
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["lag_days"]
+    torch.save(payload, path)
+    pre = api.from_checkpoint(path)
+    assert pre.config.lag_days == [] and pre.net.lag_channels == 0
+    with pytest.raises(CheckpointError, match="lag_days"):  # today's default asks for a lag
+        api.from_checkpoint(path, tiny_config())
 
 
 # =========================================================================== log1p in the pipeline

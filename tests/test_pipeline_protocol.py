@@ -54,7 +54,8 @@ def steps(sl: slice) -> range:
 # --------------------------------------------------------------------------- target split
 @pytest.mark.parametrize("train_days", [3, 1, 5])
 def test_target_split_is_train_then_val_then_test_at_the_end(train_days):
-    cfg = tiny_config(val_days=3, test_days=4, window=6)  # 1 day holds no 24-step window
+    # 1 day holds no 24-step window, nor one with the default 1-day lag input
+    cfg = tiny_config(val_days=3, test_days=4, window=6, lag_days=[])
     task = target_task(load_city(TINY, "melbourne_pedestrian"), train_days, cfg)
     split = task.split
     assert task.city.num_steps == T_TINY
@@ -68,7 +69,7 @@ def test_target_split_is_train_then_val_then_test_at_the_end(train_days):
 
 
 def test_training_windows_stay_inside_the_training_slice():
-    cfg = tiny_config()
+    cfg = tiny_config(lag_days=[])  # the window arithmetic with lag inputs: test_data_windows
     task = target_task(load_city(TINY, "melbourne_pedestrian"), 3, cfg)
     tr = task.split.train
     ds = task.dataset("train")
@@ -209,7 +210,7 @@ def test_zero_shot_scaler_sees_only_the_validation_days(tmp_path):
 
 
 def test_source_split_is_two_to_one_and_its_scaler_sees_only_training(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config(lag_days=[])
     task = source_task(load_city(TINY, "nyc_bike"), cfg)
     assert task.split.train == slice(0, 448) and task.split.val == slice(448, T_TINY)
     assert task.split.test is None and task.scaler_fit_on == "train"

@@ -34,7 +34,7 @@ def test_defect_build_network_resolves_through_the_given_registry():
     family = load_plugin(FAMILY)
     registry = BackboneRegistry(build_plugin_manager(plugins=[family]))  # not installed
     net = build_network(TransferConfig(backbone="their_mlp"), registry)
-    x = torch.rand(2, 24, 7, 1)
+    x = torch.rand(2, 24, 7, 2)  # the series and its default 1-day lag input
     assert net(x, edge_index=torch.zeros(2, 0, dtype=torch.long)).shape == (2, 1, 7, 1)
 
 

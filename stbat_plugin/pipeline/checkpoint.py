@@ -143,7 +143,7 @@ def _check_backbone(path: Path, payload: dict[str, Any], backbone: str) -> None:
 
 def _check_model_settings(path: Path, payload: dict[str, Any], config: TransferConfig) -> None:
     _check_backbone(path, payload, config.backbone)
-    saved = TransferConfig.from_dict(payload["config"]).model_signature()
+    saved = TransferConfig.from_saved(payload["config"]).model_signature()
     asked = config.model_signature()
     diff = {k: (saved[k], asked[k]) for k in saved if saved[k] != asked[k]}
     if diff:
@@ -171,7 +171,7 @@ def checkpoint_config(path: str | Path, payload: dict[str, Any],
     :class:`CheckpointError`, naming the saved and the asked values.
     """
     path = Path(path)
-    saved = TransferConfig.from_dict(payload["config"])
+    saved = TransferConfig.from_saved(payload["config"])
     if settings is None:
         return saved
     config = (settings if isinstance(settings, TransferConfig)
@@ -191,7 +191,7 @@ def from_checkpoint(path: str | Path,
     path = Path(path)
     payload = load_checkpoint(path)
     run_config = checkpoint_config(path, payload, config)
-    saved = TransferConfig.from_dict(payload["config"])
+    saved = TransferConfig.from_saved(payload["config"])
     net = get_method(payload["method"]).network(saved, registry)
     try:
         net.load_state_dict(payload["state_dict"])
@@ -215,7 +215,7 @@ def check_same_pretraining(save: str | Path, payload: dict[str, Any], method: st
     diffs = []
     if payload["method"] != method:
         diffs.append(f"method: was {payload['method']!r}, now {method!r}")
-    saved = TransferConfig.from_dict(payload["config"]).to_dict()  # a newer setting: its default
+    saved = TransferConfig.from_saved(payload["config"]).to_dict()  # a newer setting: as it was
     diffs += [f"{k}: was {saved.get(k)!r}, now {v!r}" for k, v in config.to_dict().items()
               if saved.get(k) != v]
     diffs += [f"{k}: was {payload['data'].get(k)!r}, now {v!r}" for k, v in data.items()

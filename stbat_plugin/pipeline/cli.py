@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is not None:
             print(f"stbat {where}: error: {message}", file=sys.stderr)
             return 2
-        print(f"stbat {where}: internal error: {type(exc).__name__}: {exc}"
+        print(f"stbat {where}: internal error: {type(exc).__name__}: {_short(exc)}"
               + ("" if args.debug else " (rerun with --debug for the traceback; please report "
                  "it)"), file=sys.stderr)
         return 1
@@ -286,6 +286,13 @@ def _rank_note() -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """An internal error's message on one line, cut at ``limit`` characters (the whole
+    message and the traceback are shown with ``--debug``)."""
+    text = _one_line(str(exc))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -23,17 +24,23 @@ STBAT_FIELDS = tuple(f.name for f in fields(STBaTOptions))
 CALIBRATIONS = ("none", "affine", "auto")
 
 
+_NOTHING = object()
+
+
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
          flag: str | None = None, parse: Callable[[str], Any] | None = None,
-         adapt_only: bool = False) -> Any:
+         adapt_only: bool = False, saved_absent: Any = _NOTHING) -> Any:
     """A settings field with its CLI help (the CLI flags are generated from these fields).
 
     ``parse`` turns the flag's text into the value (default: from the field's type);
     ``adapt_only`` marks a setting that changes only the adaptation to the target, never
-    pre-training (a cached pre-trained network is reused across its values).
+    pre-training (a cached pre-trained network is reused across its values);
+    ``saved_absent`` is the value a config SAVED by an earlier version (a checkpoint, a run
+    folder) meant when it lacks the key, for a setting whose default has changed since
+    (:meth:`TransferConfig.from_saved`).
     """
     meta = {"help": help, "choices": choices, "flag": flag, "parse": parse,
-            "adapt_only": adapt_only}
+            "adapt_only": adapt_only, "saved_absent": saved_absent}
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,8 +70,9 @@ class TransferConfig:
     target 3 days / 60 days / 60 days, min-max scaling, patience 5, ST-net widths, D=32,
     h=0.85, beta=0.01, tau=1). The input pipeline was chosen on target VALIDATION data
     (docs/results.md): a 24-step window instead of the paper's 6, RevIN-style
-    normalisation around the last value, and a linear autoregressive skip. The paper's
-    setting is ``window=6, normalize="none", linear_skip=False``.
+    normalisation around the last value, a linear autoregressive skip, and a 1-day seasonal
+    lag input (so a target needs at least 2 training days in few-shot). The paper's setting
+    is ``window=6, normalize="none", linear_skip=False, lag_days=[]``.
     """
 
     backbone: str = _opt("graph_stnet", "registered backbone name")
@@ -78,12 +86,13 @@ class TransferConfig:
                           "value) or revin-last (both)",
                           choices=("none", "revin", "last", "revin-last"))
     time_features: bool = _opt(False, "add time-of-day and day-of-week sin/cos input channels")
-    lag_days: list[int] = _opt(list, "seasonal lag inputs, in days, e.g. 1,7: per lag L one more "
+    lag_days: list[int] = _opt(lambda: [1], "seasonal lag inputs, in days, e.g. 1,7 (default 1, "
+                               "chosen on validation, docs/results.md): per lag L one more "
                                "input channel per region whose step j holds the series L days "
                                "before step j+1, so its last step holds the value L days before "
                                "the target (the seasonal-naive forecast); training windows then "
                                "need L days more history inside the training days (none: no "
-                               "lag inputs)", parse=int_list)
+                               "lag inputs)", parse=int_list, saved_absent=[])
     linear_skip: bool = _opt(True, "add a linear map of the normalised input window to the "
                              "deep network's output (an LSTNet-style autoregressive highway)")
     val_days: int = _opt(60, "target validation days (before the test days)")
@@ -220,6 +229,19 @@ class TransferConfig:
                              "give each once")
         stbat = dataclasses.replace(_stbat_default(), **nested, **flat)
         return cls(**data, stbat=stbat)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> TransferConfig:
+        """The config of a dict SAVED by :meth:`to_dict` (a checkpoint, ``run.json``), possibly
+        by an earlier version: a key it lacks takes the value it had then (the field's
+        ``saved_absent``, e.g. no lag inputs), not today's default; the rest as
+        :meth:`from_dict`."""
+        data = dict(data)
+        for f in fields(cls):
+            absent = f.metadata.get("saved_absent", _NOTHING)
+            if absent is not _NOTHING and f.name not in data:
+                data[f.name] = copy.deepcopy(absent)
+        return cls.from_dict(data)
 
     if not TYPE_CHECKING:  # the flat names of earlier versions, read and set with a warning
         def __getattr__(self, name: str) -> Any:

@@ -120,7 +120,7 @@ def _check_same_run(run_file: Path, identity: dict[str, Any]) -> None:
     fresh = json.loads(json.dumps(identity, sort_keys=True))
     if isinstance(saved.get("config"), dict):  # settings added since: compared at their default
         try:
-            saved["config"] = TransferConfig.from_dict(saved["config"]).to_dict()
+            saved["config"] = TransferConfig.from_saved(saved["config"]).to_dict()
         except ValueError:
             pass  # an unknown or invalid setting: the diff below names it
         saved = json.loads(json.dumps(saved, sort_keys=True))
