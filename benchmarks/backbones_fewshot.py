@@ -35,7 +35,7 @@ def run(backbone: str, task: str, seeds: int, out: Path | None = None
     # the paper's input pipeline, as when docs/backbones.md was measured
     common = dict(backbone=backbone, backbone_kwargs=SMALL.get(backbone, {}), max_epochs=5,
                   max_batches_per_epoch=30, finetune_epochs=20, patience=3, window=6,
-                  normalize="none", linear_skip=False)
+                  normalize="none", linear_skip=False, lag_days=[])
     if task == "grid":
         config = TransferConfig(source_span="2014-08-08:2014-09-05",
                                 target_span="2014-09-06:2014-09-30", val_days=7, test_days=14,

@@ -46,7 +46,7 @@ def main(out: Path = ROOT / "runs" / "demo", seeds: int = 2) -> str:
     print(f"\nNYC bike + taxi -> Melbourne pedestrians (graph_stnet, {seeds} seeds; target: "
           f"3 training days, {config.val_days} validation days, last {config.test_days} days "
           f"tested; window {config.window}, normalize {config.normalize}, linear skip "
-          f"{config.linear_skip}; pedestrians per hour)\n")
+          f"{config.linear_skip}, lag days {config.lag_days}; pedestrians per hour)\n")
     print(table)
     print(f"\n{time.perf_counter() - start:.0f}s; rows in {out}/results.json")
     return table

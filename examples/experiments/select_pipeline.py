@@ -1,8 +1,11 @@
 """The selection runs behind the pipeline defaults (docs/results.md), on VALIDATION data.
 
 Two tasks, seed 0, fine-tuning and NLinear, 3-day few-shot and zero-shot; each variant of the
-input pipeline is one `api.transfer` call with the same budget. The defaults were chosen by the
-target-validation RMSE in the rows' ``info.val_rmse``; test numbers are printed but were not used.
+input pipeline is one `api.transfer` call with the same budget. (These runs predate the lag
+inputs: every variant pins ``lag_days=[]``; the later selection of the scaler, lag inputs,
+calibration and fine-tuning learning rate is ``examples/experiments/select_adaptation.toml``.)
+The defaults were chosen by the target-validation RMSE in the rows' ``info.val_rmse``; test
+numbers are printed but were not used.
 
     python examples/experiments/select_pipeline.py OUT.jsonl [TASK]   # TASK: nyc2mel or bike
 """
@@ -26,15 +29,16 @@ TASKS = {
              {"source_span": "nyc_taxi=2019-02-01:2019-02-28,melbourne_pedestrian=2022-02-01:2022-02-28",
               "target_span": "2019-01-01:2019-12-31"}),
 }
-PAPER = {"window": 6, "normalize": "none", "linear_skip": False}
+PAPER = {"window": 6, "normalize": "none", "linear_skip": False, "lag_days": []}
 VARIANTS = [
     PAPER,
     {**PAPER, "window": 24},
     {**PAPER, "window": 24, "normalize": "last"},
     {**PAPER, "window": 24, "normalize": "revin-last"},
-    {"window": 24, "normalize": "revin-last", "linear_skip": True},
-    {"window": 24, "normalize": "revin-last", "linear_skip": True, "time_features": True},
-    {"window": 48, "normalize": "revin-last", "linear_skip": True},
+    {"window": 24, "normalize": "revin-last", "linear_skip": True, "lag_days": []},
+    {"window": 24, "normalize": "revin-last", "linear_skip": True, "time_features": True,
+     "lag_days": []},
+    {"window": 48, "normalize": "revin-last", "linear_skip": True, "lag_days": []},
 ]
 BUDGET = dict(backbone="graph_stnet", backbone_kwargs={"channels": 16, "hidden": 16},
               max_epochs=20, patience=3, finetune_epochs=30)

@@ -314,7 +314,8 @@ def _header(title: str, command: str | None, rows: list[dict[str, Any]], extra: 
     commit = ", ".join(made) if made else git_commit()  # what the rows were made with
     first = rows[0] if rows else {}
     config = first.get("config", {})
-    keys = ("backbone", "backbone_kwargs", "window", "normalize", "linear_skip", "max_epochs",
+    keys = ("backbone", "backbone_kwargs", "window", "normalize", "linear_skip", "lag_days",
+            "max_epochs",
             "patience", "max_batches_per_epoch", "finetune_epochs", "source_span", "target_span",
             "val_days", "test_days", "descriptors")
     budget = ", ".join(f"{k}={json.dumps(config[k], sort_keys=True)}" for k in keys if k in config)
