@@ -171,6 +171,15 @@ def test_scarcity_refuses_days_before_running(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_scarcity_counts_the_lag_inputs_history_before_running(tmp_path):
+    """A 6-step window fits in 1 day, but not with the default 1-day lag input (30 steps)."""
+    with pytest.raises(ValueError, match=r"\[1\] training day\(s\) give no window of 6\+1 "
+                       r"steps and \[1\]-day lag input.*fewer --lag-days"):
+        paper.scarcity(tmp_path / "a", data_dir=TINY, tasks=["nyc2mel"], days=[0, 1, 3],
+                       overrides={**TINY_OPTIONS, "window": 6})
+    assert not (tmp_path / "a").exists()
+
+
 # --------------------------------------------------------------------------- efficiency
 def test_efficiency_measures_each_method_in_its_own_process(tmp_path):
     out = tmp_path / "out"

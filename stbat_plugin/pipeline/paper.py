@@ -588,12 +588,15 @@ def _check_days(data: Path, entry: dict[str, Any], days: list[int], config: dict
     per_day = steps_per_day(city.interval_minutes)
     target_split(city.num_steps, per_day, max(days), cfg.val_days, cfg.test_days,
                  name=f"task {entry['name']!r}: target city {city.name!r}")
+    lags = [d * per_day for d in cfg.lag_days]
     short = [d for d in days if 0 < d and window_count(
-        d * per_day, 0, d * per_day, cfg.window, cfg.horizon, "inside") == 0]
+        d * per_day, 0, d * per_day, cfg.window, cfg.horizon, "inside", lags=lags) == 0]
     if short:
+        lag_note = f" and {cfg.lag_days}-day lag input(s)" if lags else ""
         raise ValueError(f"task {entry['name']!r}: {short} training day(s) give no window of "
-                         f"{cfg.window}+{cfg.horizon} steps ({per_day} steps a day); drop them "
-                         "from --days or use a smaller --window")
+                         f"{cfg.window}+{cfg.horizon} steps{lag_note} ({per_day} steps a day); "
+                         "drop them from --days, use a smaller --window"
+                         + (" or fewer --lag-days" if lags else ""))
 
 
 def scarcity_table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
